@@ -1,0 +1,403 @@
+"""LlavaModel: builds modeling_llava.Llava from the yaml `model:` section, computes the loss, freezes.
+
+The `model:` grammar is Cerebras ModelZoo's (image_model / text_model / projector sub-sections with Cerebras
+key names), so the four Cerebras LLaVA configs load unchanged. Keys Cerebras accepts that have no effect here
+are accepted and reported once as ignored; unknown keys fail with the valid ones and the closest match.
+
+    python model.py configs/params_llava_tiny_phase1.yaml     # build, print parameter counts, one fwd/bwd
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modeling_llava as ml
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message says which and what to change."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config dataclasses. IGNORED lists keys Cerebras accepts that have no effect in this implementation.
+
+
+@dataclass
+class ImageModelConfig:
+    name: str = "ViTModel"  # Cerebras model name; only ViTModel (CLIP-style ViT) is implemented
+    hidden_size: int = 1024  # width of the ViT
+    num_hidden_layers: int = 24  # encoder layers
+    num_heads: int = 16  # attention heads
+    filter_size: int = 4096  # FFN inner width
+    image_size: List[int] = field(default_factory=lambda: [336, 336])  # [H, W] input resolution
+    patch_size: List[int] = field(default_factory=lambda: [14, 14])  # [h, w] conv patch size
+    num_channels: int = 3  # image channels
+    nonlinearity: str = "quick_gelu"  # FFN activation (CLIP uses quick_gelu)
+    layer_norm_epsilon: float = 1e-5  # LayerNorm eps
+    position_embedding_type: str = "learned"  # only learned position embeddings are implemented
+    use_post_embed_layer_norm: bool = True  # LayerNorm after the embeddings (CLIP pre_layrnorm)
+    use_embed_proj_bias: bool = False  # bias on the conv patch projection
+    use_projection_bias_in_attention: bool = True  # bias on q/k/v projections
+    use_ffn_bias_in_attention: bool = True  # bias on the attention output projection
+    use_ffn_bias: bool = True  # biases in the FFN
+    embedding_dropout_rate: float = 0.0  # dropout after the embeddings
+    dropout_rate: float = 0.0  # residual dropout
+    attention_dropout_rate: float = 0.0  # attention-probability dropout
+    initializer_range: float = 0.02  # std of the normal init (training from scratch only)
+    norm_first: bool = True  # pre-LN blocks; post-LN is not implemented
+    prepend_cls_token: bool = True  # CLS token at index 0; required
+    use_conv_patchified_embedding: bool = True  # conv patchify; required
+    use_encoder_pooler_layer: bool = False  # pooler head; not implemented (LLaVA does not use it)
+
+    IGNORED = ("attention_type", "attention_softmax_fp32", "fp16_type", "mixed_precision", "num_classes",
+               "image_layer_norm_epsilon", "attention_module", "layer_norm_type", "extra_attention_params",
+               "default_initializer", "use_bias_in_output", "use_final_layer_norm", "pooler_nonlinearity")
+    REQUIRED_VALUES = {"position_embedding_type": "learned", "norm_first": True, "prepend_cls_token": True,
+                       "use_conv_patchified_embedding": True, "use_encoder_pooler_layer": False}
+
+
+@dataclass
+class TextModelConfig:
+    name: str = "LlamaModel"  # Cerebras model name; a Llama-style decoder is implemented
+    vocab_size: int = 32000  # embedding and lm_head rows
+    hidden_size: int = 4096  # model width
+    num_hidden_layers: int = 32  # decoder layers
+    num_heads: int = 32  # query heads
+    filter_size: int = 11008  # SwiGLU inner width
+    nonlinearity: str = "swiglu"  # FFN activation
+    layer_norm_epsilon: float = 1e-5  # RMSNorm eps
+    norm_type: str = "rmsnorm"  # only rmsnorm is implemented
+    position_embedding_type: str = "rotary"  # only rotary is implemented
+    rotary_dim: Optional[int] = None  # rotated channels per head (default: head_dim)
+    rope_theta: float = 10000.0  # RoPE base
+    pos_scaling_factor: float = 1.0  # linear RoPE position scaling
+    max_position_embeddings: int = 2048  # longest sequence the model is meant for
+    share_embedding_weights: bool = False  # tie lm_head to the word embeddings
+    attention_module: str = "aiayn_attention"  # "aiayn_attention" (MHA) or "multiquery_attention" (GQA)
+    extra_attention_params: dict = field(default_factory=dict)  # {num_kv_groups: N} for multiquery_attention
+    use_projection_bias_in_attention: bool = False  # biases on q/k/v/output projections
+    use_ffn_bias_in_attention: bool = False  # kept for Cerebras configs; must equal the projection bias
+    use_ffn_bias: bool = False  # biases in the FFN
+    use_bias_in_output: bool = False  # bias on lm_head
+    embd_pdrop: float = 0.0  # embedding dropout (Cerebras' GPT2 default is 0.1: set it explicitly)
+    dropout_rate: float = 0.0  # residual dropout
+    attention_dropout_rate: float = 0.0  # attention-probability dropout
+    initializer_range: float = 0.02  # std of the normal init (training from scratch only)
+    norm_first: bool = True  # pre-norm blocks; required
+
+    IGNORED = ("attention_type", "attention_softmax_fp32", "fp16_type", "mixed_precision", "embedding_dropout_rate",
+               "use_ff_layer1_dropout", "use_position_embedding", "embeddings_scale", "output_logits_scale",
+               "scale_qk_dot_by_d", "attention_kernel", "layer_norm_type", "loss_scaling", "loss_weight",
+               "label_smoothing", "z_loss_eps", "use_untied_rotary", "fixed_sparse_attention",
+               "attention_sliding_window_length", "alibi_trainable_slopes", "pos_scaling_type")
+    REQUIRED_VALUES = {"norm_type": "rmsnorm", "position_embedding_type": "rotary", "norm_first": True}
+
+
+@dataclass
+class ProjectorConfig:
+    name: str = "FeedForwardNetwork"  # "FeedForwardNetwork" or "MLP" (the same module in Cerebras)
+    input_unit: int = 1024  # image feature width (image_model.hidden_size)
+    layers_units: List[int] = field(default_factory=lambda: [4096, 4096])  # output width of each layer
+    layers_activation: List[Optional[str]] = field(default_factory=lambda: ["gelu", None])  # per layer
+    use_bias: bool = True  # biases on every layer
+    dropout_rate: float = 0.0  # dropout between layers
+
+    IGNORED = ("kernel_initializer", "bias_initializer", "output_layer_initializer", "fp16_type",
+               "mixed_precision")
+    REQUIRED_VALUES = {}
+
+
+@dataclass
+class LlavaModelConfig:
+    image_model: ImageModelConfig = field(default_factory=ImageModelConfig)  # vision tower
+    text_model: TextModelConfig = field(default_factory=TextModelConfig)  # language model
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)  # `projector: {image_model: ...}`
+    freeze: List[str] = field(default_factory=list)  # regexes over module/parameter names to freeze
+    image_feature_select_layer_idx: Optional[int] = -1  # ViT layer whose output is used; negative from the end
+    image_feature_select_mode: str = "patch"  # "patch" drops CLS, "cls_patch" keeps it
+    image_start_idx: int = 1  # first placeholder position (1 phase 1, 35 phase 2 vicuna_v1)
+    loss_scaling: str = "num_tokens"  # "num_tokens": mean over loss tokens; "batch_size": sum / batch size
+    loss_weight: float = 1.0  # multiplier (batch_size scaling only)
+    activation_checkpointing: bool = False  # recompute transformer layers in backward to save memory
+
+    IGNORED = ("name", "mixed_precision", "fp16_type", "label_smoothing", "z_loss_eps", "projector_text_model",
+               "image_layer_idx", "boundary_casting", "lora_params", "compute_eval_metrics")
+    REQUIRED_VALUES = {}
+
+
+def _parse_section(cls, values: Any, where: str, ignored: list):
+    """Fill dataclass `cls` from a yaml dict; unknown keys fail with the valid ones and the closest match."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}: {values!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key in names:
+            kwargs[key] = value
+        elif key in cls.IGNORED:
+            ignored.append(f"{where}.{key}")
+        else:
+            close = difflib.get_close_matches(key, names + list(cls.IGNORED), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"Unknown key {where}.{key}.{hint} Valid keys: {', '.join(names)}")
+    cfg = cls(**kwargs)
+    for key, required in cls.REQUIRED_VALUES.items():
+        if getattr(cfg, key) != required:
+            raise ConfigError(f"{where}.{key}: {getattr(cfg, key)!r} is not supported; set it to {required!r}")
+    return cfg
+
+
+def parse_model_config(model_section: dict) -> LlavaModelConfig:
+    """Parse the yaml `model:` section (Cerebras grammar) into a LlavaModelConfig; validate cross-field rules."""
+    ignored: list = []
+    raw = dict(model_section or {})
+    sub = {}
+    sub["image_model"] = _parse_section(ImageModelConfig, raw.pop("image_model", None), "model.image_model", ignored)
+    sub["text_model"] = _parse_section(TextModelConfig, raw.pop("text_model", None), "model.text_model", ignored)
+    projector = raw.pop("projector", None) or {}
+    if not isinstance(projector, dict) or set(projector) - {"image_model", "text_model"}:
+        raise ConfigError("model.projector must be a mapping with an `image_model` entry "
+                          f"(and optionally `text_model: null`); got {projector!r}")
+    if projector.get("text_model"):
+        raise ConfigError("model.projector.text_model is not supported; remove it (LLaVA projects images only)")
+    sub["projector"] = _parse_section(ProjectorConfig, projector.get("image_model"), "model.projector.image_model",
+                                      ignored)
+    cfg = _parse_section(LlavaModelConfig, raw, "model", ignored)
+    cfg = dataclasses.replace(cfg, **sub)
+    if ignored:
+        log.info("Ignored config keys (accepted for Cerebras compatibility, no effect here): %s", ", ".join(ignored))
+    cfg.ignored_keys = ignored
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: LlavaModelConfig) -> None:
+    im, tm, pj = cfg.image_model, cfg.text_model, cfg.projector
+    cfg.loss_scaling = str(cfg.loss_scaling).lower()
+    if cfg.loss_scaling not in ("num_tokens", "batch_size"):
+        raise ConfigError(f"model.loss_scaling: {cfg.loss_scaling!r}; use 'num_tokens' or 'batch_size'")
+    if cfg.loss_scaling == "num_tokens" and cfg.loss_weight != 1.0:
+        raise ConfigError(f"model.loss_weight: {cfg.loss_weight} needs loss_scaling 'batch_size' "
+                          "(with 'num_tokens' it must be 1.0)")
+    if cfg.image_feature_select_mode not in ("patch", "cls_patch"):
+        raise ConfigError(f"model.image_feature_select_mode: {cfg.image_feature_select_mode!r}; "
+                          "use 'patch' or 'cls_patch'")
+    idx = cfg.image_feature_select_layer_idx
+    if idx is not None and not -im.num_hidden_layers <= idx < im.num_hidden_layers:
+        raise ConfigError(f"model.image_feature_select_layer_idx: {idx} is outside the "
+                          f"{im.num_hidden_layers} image_model layers")
+    if pj.name not in ("FeedForwardNetwork", "MLP"):
+        raise ConfigError(f"model.projector.image_model.name: {pj.name!r}; use 'FeedForwardNetwork'")
+    if pj.input_unit != im.hidden_size:
+        raise ConfigError(f"model.projector.image_model.input_unit ({pj.input_unit}) must equal "
+                          f"model.image_model.hidden_size ({im.hidden_size})")
+    if pj.layers_units[-1] != tm.hidden_size:
+        raise ConfigError(f"model.projector.image_model.layers_units[-1] ({pj.layers_units[-1]}) must equal "
+                          f"model.text_model.hidden_size ({tm.hidden_size})")
+    for sect, c in (("image_model", im), ("text_model", tm)):
+        if c.hidden_size % c.num_heads:
+            raise ConfigError(f"model.{sect}.hidden_size {c.hidden_size} is not divisible by num_heads {c.num_heads}")
+    if tm.attention_module not in ("aiayn_attention", "multiquery_attention"):
+        raise ConfigError(f"model.text_model.attention_module: {tm.attention_module!r}; "
+                          "use 'aiayn_attention' or 'multiquery_attention'")
+    if tm.use_ffn_bias_in_attention != tm.use_projection_bias_in_attention:
+        raise ConfigError("model.text_model.use_ffn_bias_in_attention must equal use_projection_bias_in_attention")
+    if tm.nonlinearity != "swiglu":
+        raise ConfigError(f"model.text_model.nonlinearity: {tm.nonlinearity!r}; only 'swiglu' (Llama) is supported")
+    for i, pattern in enumerate(cfg.freeze or []):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"model.freeze[{i}]: {pattern!r} is not a valid regex ({e})") from None
+    image_tokens = (im.image_size[0] // im.patch_size[0]) * (im.image_size[1] // im.patch_size[1])
+    image_tokens += cfg.image_feature_select_mode == "cls_patch"
+    if cfg.image_start_idx < 0 or cfg.image_start_idx + image_tokens > tm.max_position_embeddings:
+        raise ConfigError(f"model.image_start_idx {cfg.image_start_idx} + {image_tokens} image tokens does not fit "
+                          f"max_position_embeddings {tm.max_position_embeddings}")
+
+
+def num_kv_heads(tm: TextModelConfig) -> int:
+    """Key/value heads: Cerebras spells grouped-query attention as multiquery_attention + num_kv_groups."""
+    if tm.attention_module == "multiquery_attention":
+        groups = (tm.extra_attention_params or {}).get("num_kv_groups")
+        if not groups or tm.num_heads % groups:
+            raise ConfigError("model.text_model.extra_attention_params.num_kv_groups must be set and divide "
+                              f"num_heads {tm.num_heads} for multiquery_attention; got {groups!r}")
+        return groups
+    return tm.num_heads
+
+
+def build_llava(cfg: LlavaModelConfig) -> ml.Llava:
+    """Instantiate the nn.Modules (on the current default device, e.g. under `torch.device('meta')`)."""
+    im, tm, pj = cfg.image_model, cfg.text_model, cfg.projector
+    image_model = ml.ViTModel(
+        hidden_size=im.hidden_size, num_hidden_layers=im.num_hidden_layers, num_heads=im.num_heads,
+        filter_size=im.filter_size, image_size=im.image_size, patch_size=im.patch_size, num_channels=im.num_channels,
+        nonlinearity=im.nonlinearity, layer_norm_epsilon=im.layer_norm_epsilon,
+        use_embed_proj_bias=im.use_embed_proj_bias, use_post_embed_layer_norm=im.use_post_embed_layer_norm,
+        use_projection_bias_in_attention=im.use_projection_bias_in_attention,
+        use_ffn_bias_in_attention=im.use_ffn_bias_in_attention, use_ffn_bias=im.use_ffn_bias,
+        embedding_dropout_rate=im.embedding_dropout_rate, dropout_rate=im.dropout_rate,
+        attention_dropout_rate=im.attention_dropout_rate)
+    text_model = ml.LlamaLMModel(
+        vocab_size=tm.vocab_size, hidden_size=tm.hidden_size, num_hidden_layers=tm.num_hidden_layers,
+        num_heads=tm.num_heads, num_kv_heads=num_kv_heads(tm), filter_size=tm.filter_size,
+        nonlinearity=tm.nonlinearity, layer_norm_epsilon=tm.layer_norm_epsilon, rotary_dim=tm.rotary_dim,
+        rope_theta=tm.rope_theta, pos_scaling_factor=tm.pos_scaling_factor,
+        share_embedding_weights=tm.share_embedding_weights,
+        use_projection_bias_in_attention=tm.use_projection_bias_in_attention, use_ffn_bias=tm.use_ffn_bias,
+        use_bias_in_output=tm.use_bias_in_output, embd_pdrop=tm.embd_pdrop, dropout_rate=tm.dropout_rate,
+        attention_dropout_rate=tm.attention_dropout_rate)
+    projector = ml.FeedForwardNetwork(pj.input_unit, pj.layers_units, pj.layers_activation, pj.use_bias,
+                                      pj.dropout_rate)
+    llava = ml.Llava(image_model, text_model, projector, cfg.image_feature_select_layer_idx,
+                     cfg.image_feature_select_mode, cfg.image_start_idx)
+    if not any(p.is_meta for p in llava.parameters()):
+        ml.init_weights(image_model, im.initializer_range)
+        ml.init_weights(text_model, tm.initializer_range)
+        ml.projector_init_(projector)
+    for stack in (image_model.encoder.transformer_encoder, text_model.transformer_decoder):
+        stack.activation_checkpointing = cfg.activation_checkpointing
+    return llava
+
+
+def freeze_modules(module: nn.Module, patterns: List[str]) -> None:
+    """Freeze every leaf module and parameter whose name matches a regex (re.search); unmatched regex = error."""
+    for pattern in patterns or []:
+        regex = re.compile(pattern)
+        leaves = [m for name, m in module.named_modules() if regex.search(name) and not list(m.children())]
+        params = [p for name, p in module.named_parameters() if regex.search(name)]
+        if not leaves and not params:
+            examples = ", ".join(name for name, _ in list(module.named_children()))
+            raise ConfigError(f"model.freeze pattern {pattern!r} matches no module or parameter; "
+                              f"top-level modules are: {examples}")
+        for m in leaves:
+            m.eval()
+            m.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(False)
+
+
+FEATURES = ("image_data", "text_input_ids", "loss_mask", "labels", "key_padding_mask")
+
+
+class LlavaModel(nn.Module):
+    """Llava + loss. forward(batch) -> loss; `self.model` is the Llava, so checkpoints carry `model.` keys."""
+
+    def __init__(self, model_section: dict | LlavaModelConfig, sparse_logits: bool = True):
+        super().__init__()
+        self.config = model_section if isinstance(model_section, LlavaModelConfig) else parse_model_config(
+            model_section)
+        self.model = build_llava(self.config)
+        freeze_modules(self.model, self.config.freeze)
+        # lm_head only at loss positions (a dynamic shape): big saving in phase 1, where ~30 of 2048 positions
+        # carry loss. Set False for fixed-shape backends (CSX) to compute the full [B, S, V] logits.
+        self.sparse_logits = sparse_logits
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen modules stay in eval mode (matters only if they had dropout).
+        for m in self.model.modules():
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+        return self
+
+    def parameter_counts(self) -> dict:
+        trainable, frozen = ml.count_parameters(self)
+        return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
+
+    def check_batch(self, batch: dict) -> None:
+        missing = [k for k in FEATURES if k not in batch]
+        if missing:
+            raise KeyError(f"batch is missing features {missing}; expected {list(FEATURES)}")
+        for k in FEATURES[1:]:
+            if batch[k].dtype != torch.int32:
+                raise TypeError(f"batch[{k!r}] must be int32 (the H5 feature dtype), got {batch[k].dtype}")
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Full logits [B, S, V] (evaluation, parity tests)."""
+        return self.model(batch["image_data"], batch["text_input_ids"], batch.get("key_padding_mask"),
+                          batch.get("image_start_idx"))
+
+    def forward(self, batch: dict, output_logits: bool = False):
+        """Loss as Cerebras' GPTLMHeadModelLoss: CE at loss_mask positions, scaled by tokens or batch size.
+
+        With output_logits, returns (loss, logits[B, S, V])."""
+        self.check_batch(batch)
+        loss_mask = batch["loss_mask"]
+        labels = batch["labels"].long()
+        args = (batch["image_data"], batch["text_input_ids"], batch["key_padding_mask"], batch.get("image_start_idx"))
+        if self.sparse_logits and not output_logits:
+            positions = loss_mask.reshape(-1).nonzero().squeeze(-1)
+            logits = self.model(*args, output_positions=positions)
+            token_loss = F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, positions),
+                                         reduction="sum")
+        else:
+            logits = self.model(*args)
+            per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                        reduction="none")
+            token_loss = (per_token * loss_mask.reshape(-1).to(per_token.dtype)).sum()
+        if self.config.loss_scaling == "num_tokens":
+            loss = token_loss / loss_mask.sum().clamp(min=1).to(token_loss.dtype)
+        else:
+            loss = token_loss / loss_mask.shape[0] * self.config.loss_weight
+        loss = loss.to(logits.dtype)
+        return (loss, logits) if output_logits else loss
+
+
+def load_model_section(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        params = yaml.safe_load(f)
+    if not isinstance(params, dict) or "model" not in params:
+        raise ConfigError(f"{path}: no top-level `model:` section")
+    return params["model"]
+
+
+def random_batch(cfg: LlavaModelConfig, batch_size: int, seq_len: int, generator=None) -> dict:
+    """A synthetic batch in the H5 feature format (smoke runs, benchmarks)."""
+    im, tm = cfg.image_model, cfg.text_model
+    g = generator or torch.Generator().manual_seed(0)
+    ids = torch.randint(3, tm.vocab_size, (batch_size, seq_len), generator=g, dtype=torch.int32)
+    loss_mask = torch.zeros(batch_size, seq_len, dtype=torch.int32)
+    loss_mask[:, -max(1, seq_len // 8):] = 1
+    return {
+        "image_data": torch.randn(batch_size, im.num_channels, *im.image_size, generator=g),
+        "text_input_ids": ids,
+        "loss_mask": loss_mask,
+        "labels": torch.roll(ids, -1, dims=1),
+        "key_padding_mask": torch.zeros(batch_size, seq_len, dtype=torch.int32),
+    }
+
+
+def main(argv: list) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(argv) != 1:
+        sys.exit(__doc__)
+    model = LlavaModel(load_model_section(argv[0]))
+    counts = model.parameter_counts()
+    print(f"parameters: total {counts['total']:,}  trainable {counts['trainable']:,}  frozen {counts['frozen']:,}")
+    seq = model.config.image_start_idx + model.model.num_image_tokens + 32
+    loss = model(random_batch(model.config, 2, seq))
+    loss.backward()
+    print(f"smoke forward/backward on a random batch: loss {loss.item():.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,464 @@
+"""LLaVA building blocks as plain nn.Modules: CLIP-style ViT, MLP projector, Llama decoder, Llava.
+
+No I/O, no backend code, no config parsing (model.py builds these from the yaml `model:` section).
+
+Module and parameter names follow Cerebras ModelZoo's CS layout, so `Llava().state_dict()` is a
+ModelZoo LLaVA state dict by construction:
+
+    image_model.embedding_layer.{linear_proj, cls_embedding, position_embeddings, post_embed_ln}
+    image_model.encoder.transformer_encoder.layers.{i}.{self_attn, norm1, norm2, ffn}
+    image_model.encoder.transformer_encoder.norm
+    text_model.embedding_layer.word_embeddings
+    text_model.transformer_decoder.layers.{i}.{self_attn, norm1, norm3, ffn}
+    text_model.transformer_decoder.norm  (also registered as text_model.ln_f)
+    text_model.lm_head
+    projector_image_model.ffn.{i}.linear_layer
+
+Conventions that differ from Hugging Face (the converter in convert_checkpoint.py bridges them):
+- the CLS row of the ViT position table is stored LAST (HF: first);
+- rotary embeddings pair neighbouring channels (x0, x1), (x2, x3), ... (HF Llama: x_i with x_{i+d/2}).
+
+Usage:
+    python -c "import modeling_llava"   # nothing to run: model.py assembles and trains these
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+# Activation names as they appear in Cerebras configs. "swiglu" is handled by FeedForwardLayer
+# (it needs the second, gating projection), the others are plain elementwise functions.
+ACTIVATIONS = {
+    None: lambda x: x,
+    "linear": lambda x: x,
+    "gelu": F.gelu,  # exact (erf) GELU, as LLaVA's mlp2x_gelu projector
+    "quick_gelu": quick_gelu,  # CLIP
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+GLU_ACTIVATIONS = {"swiglu": F.silu, "geglu": F.gelu}
+
+
+class FeedForwardLayer(nn.Module):
+    """Linear + activation; for gated activations `linear_layer(x) * act(linear_layer_for_glu(x))`."""
+
+    def __init__(self, in_features: int, out_features: int, activation: Optional[str], bias: bool):
+        super().__init__()
+        if activation not in ACTIVATIONS and activation not in GLU_ACTIVATIONS:
+            valid = sorted(str(k) for k in list(ACTIVATIONS) + list(GLU_ACTIVATIONS))
+            raise ValueError(f"Unknown activation {activation!r}; valid: {valid}")
+        self.activation = activation
+        self.linear_layer = nn.Linear(in_features, out_features, bias=bias)
+        if activation in GLU_ACTIVATIONS:
+            self.linear_layer_for_glu = nn.Linear(in_features, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation in GLU_ACTIVATIONS:
+            return self.linear_layer(x) * GLU_ACTIVATIONS[self.activation](self.linear_layer_for_glu(x))
+        return ACTIVATIONS[self.activation](self.linear_layer(x))
+
+
+class FeedForwardNetwork(nn.Module):
+    """A stack of FeedForwardLayers: input_unit -> layers_units[0] -> ... -> layers_units[-1]."""
+
+    def __init__(self, input_unit: int, layers_units: Sequence[int], layers_activation: Sequence[Optional[str]],
+                 use_bias: bool, dropout_rate: float = 0.0):
+        super().__init__()
+        if len(layers_units) != len(layers_activation):
+            raise ValueError(f"layers_units {list(layers_units)} and layers_activation {list(layers_activation)} "
+                             "must have the same length")
+        sizes = [input_unit, *layers_units]
+        self.ffn = nn.ModuleList(
+            FeedForwardLayer(sizes[i], sizes[i + 1], layers_activation[i], use_bias) for i in range(len(layers_units))
+        )
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.ffn):
+            x = layer(x)
+            if i < len(self.ffn) - 1:
+                x = self.dropout(x)
+        return x
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: the variance is computed in fp32, the result cast back before the weight."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_tables(seq_len: int, rotary_dim: int, theta: float, scaling: float, device, dtype):
+    """cos/sin tables [seq_len, rotary_dim/2] for positions 0..seq_len-1 (positions divided by `scaling`)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32) / scaling
+    angles = torch.outer(pos, inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of the first 2*cos.shape[-1] channels of x [B, heads, S, D]."""
+    rotary_dim = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    pairs = x_rot.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention through torch's scaled_dot_product_attention."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None,
+                 qkv_bias: bool = False, output_bias: bool = False, dropout_rate: float = 0.0):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of the kv heads {self.num_kv_heads}")
+        self.head_dim = hidden_size // num_heads
+        kv_size = self.num_kv_heads * self.head_dim
+        self.proj_q_dense_layer = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.proj_k_dense_layer = nn.Linear(hidden_size, kv_size, bias=qkv_bias)
+        self.proj_v_dense_layer = nn.Linear(hidden_size, kv_size, bias=qkv_bias)
+        self.proj_output_dense_layer = nn.Linear(hidden_size, hidden_size, bias=output_bias)
+        self.dropout_rate = dropout_rate
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                rotary: Optional[tuple] = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.proj_q_dense_layer(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.proj_k_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.proj_v_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q = apply_interleaved_rotary(q, *rotary)
+            k = apply_interleaved_rotary(k, *rotary)
+        if self.num_kv_heads != self.num_heads:  # torch 2.4 has no enable_gqa flag
+            groups = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             dropout_p=self.dropout_rate if self.training else 0.0)
+        return self.proj_output_dense_layer(out.transpose(1, 2).reshape(b, s, -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Image model (CLIP ViT)
+
+
+class ViTEmbeddings(nn.Module):
+    """Conv patchify + CLS + learned positions (CLS row stored last) + post-embedding LayerNorm."""
+
+    def __init__(self, hidden_size: int, image_size: Sequence[int], patch_size: Sequence[int], num_channels: int,
+                 use_embed_proj_bias: bool, use_post_embed_layer_norm: bool, layer_norm_epsilon: float,
+                 dropout_rate: float = 0.0):
+        super().__init__()
+        grid = (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
+        self.num_patches = grid[0] * grid[1]
+        self.linear_proj = nn.Conv2d(num_channels, hidden_size, kernel_size=tuple(patch_size),
+                                     stride=tuple(patch_size), bias=use_embed_proj_bias)
+        self.cls_embedding = nn.Parameter(torch.zeros(hidden_size))
+        self.position_embeddings = nn.Embedding(self.num_patches + 1, hidden_size)
+        self.dropout = nn.Dropout(dropout_rate)
+        self.post_embed_ln = nn.LayerNorm(hidden_size, eps=layer_norm_epsilon) if use_post_embed_layer_norm else None
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.linear_proj(pixels).flatten(2).transpose(1, 2)  # [B, NP, D], row-major grid
+        pos = self.position_embeddings.weight
+        patches = patches + pos[: self.num_patches]
+        cls = (self.cls_embedding + pos[self.num_patches]).expand(patches.shape[0], 1, -1)
+        x = self.dropout(torch.cat((cls.to(patches.dtype), patches), dim=1))
+        return self.post_embed_ln(x) if self.post_embed_ln is not None else x
+
+
+class ViTEncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(norm1(x)), then x + ffn(norm2(x))."""
+
+    def __init__(self, hidden_size: int, num_heads: int, filter_size: int, nonlinearity: str, layer_norm_epsilon: float,
+                 qkv_bias: bool, output_bias: bool, ffn_bias: bool, dropout_rate: float, attention_dropout_rate: float):
+        super().__init__()
+        self.self_attn = Attention(hidden_size, num_heads, None, qkv_bias, output_bias, attention_dropout_rate)
+        self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_epsilon)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_epsilon)
+        self.ffn = FeedForwardNetwork(hidden_size, [filter_size, hidden_size], [nonlinearity, None], ffn_bias)
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.norm1(x)))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class TransformerStack(nn.Module):
+    """`layers` + final `norm`, the container Cerebras calls transformer_encoder / transformer_decoder."""
+
+    def __init__(self, layers: list, norm: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.activation_checkpointing = False
+
+    def run_layers(self, x: torch.Tensor, count: int, **kwargs) -> torch.Tensor:
+        for layer in self.layers[:count]:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False, **kwargs)
+            else:
+                x = layer(x, **kwargs)
+        return x
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, layers: list, norm: nn.Module):
+        super().__init__()
+        self.transformer_encoder = TransformerStack(layers, norm)
+
+
+class ViTModel(nn.Module):
+    """CLIP vision transformer. `extract_features(pixels, k)` returns the hidden states after layer k."""
+
+    def __init__(self, hidden_size: int = 1024, num_hidden_layers: int = 24, num_heads: int = 16,
+                 filter_size: int = 4096, image_size: Sequence[int] = (336, 336), patch_size: Sequence[int] = (14, 14),
+                 num_channels: int = 3, nonlinearity: str = "quick_gelu", layer_norm_epsilon: float = 1e-5,
+                 use_embed_proj_bias: bool = False, use_post_embed_layer_norm: bool = True,
+                 use_projection_bias_in_attention: bool = True, use_ffn_bias_in_attention: bool = True,
+                 use_ffn_bias: bool = True, embedding_dropout_rate: float = 0.0, dropout_rate: float = 0.0,
+                 attention_dropout_rate: float = 0.0):
+        super().__init__()
+        self.embedding_layer = ViTEmbeddings(hidden_size, image_size, patch_size, num_channels, use_embed_proj_bias,
+                                             use_post_embed_layer_norm, layer_norm_epsilon, embedding_dropout_rate)
+        layers = [
+            ViTEncoderLayer(hidden_size, num_heads, filter_size, nonlinearity, layer_norm_epsilon,
+                            use_projection_bias_in_attention, use_ffn_bias_in_attention, use_ffn_bias,
+                            dropout_rate, attention_dropout_rate)
+            for _ in range(num_hidden_layers)
+        ]
+        self.encoder = ViTEncoder(layers, nn.LayerNorm(hidden_size, eps=layer_norm_epsilon))
+
+    @property
+    def num_patches(self) -> int:
+        return self.embedding_layer.num_patches
+
+    def extract_features(self, pixels: torch.Tensor, layer_idx: Optional[int] = None) -> torch.Tensor:
+        """Hidden states [B, 1+NP, D] after encoder layer `layer_idx` (0-based, non-negative).
+
+        With layer_idx None all layers run and the final norm is applied to every token; with an index the
+        final norm is skipped (LLaVA selects the penultimate layer's raw output)."""
+        stack = self.encoder.transformer_encoder
+        x = self.embedding_layer(pixels)
+        if layer_idx is None:
+            return stack.norm(stack.run_layers(x, len(stack.layers)))
+        return stack.run_layers(x, layer_idx + 1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.extract_features(pixels, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text model (Llama decoder with LM head)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """x + attn(norm1(x)), then x + swiglu_ffn(norm3(x)); Cerebras names the second norm `norm3`."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int], filter_size: int,
+                 nonlinearity: str, layer_norm_epsilon: float, attention_bias: bool, ffn_bias: bool,
+                 dropout_rate: float, attention_dropout_rate: float):
+        super().__init__()
+        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, attention_bias, attention_bias,
+                                   attention_dropout_rate)
+        self.norm1 = RMSNorm(hidden_size, layer_norm_epsilon)
+        self.norm3 = RMSNorm(hidden_size, layer_norm_epsilon)
+        self.ffn = FeedForwardNetwork(hidden_size, [filter_size, hidden_size], [nonlinearity, None], ffn_bias)
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                rotary: Optional[tuple] = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rotary=rotary))
+        return x + self.dropout(self.ffn(self.norm3(x)))
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+
+
+class LlamaLMModel(nn.Module):
+    """Llama decoder + LM head, named as Cerebras' GPT2LMHeadModel configured Llama-style."""
+
+    def __init__(self, vocab_size: int = 32000, hidden_size: int = 4096, num_hidden_layers: int = 32,
+                 num_heads: int = 32, num_kv_heads: Optional[int] = None, filter_size: int = 11008,
+                 nonlinearity: str = "swiglu", layer_norm_epsilon: float = 1e-5, rotary_dim: Optional[int] = None,
+                 rope_theta: float = 10000.0, pos_scaling_factor: float = 1.0, share_embedding_weights: bool = False,
+                 use_projection_bias_in_attention: bool = False, use_ffn_bias: bool = False,
+                 use_bias_in_output: bool = False, embd_pdrop: float = 0.0, dropout_rate: float = 0.0,
+                 attention_dropout_rate: float = 0.0):
+        super().__init__()
+        self.embedding_layer = TextEmbeddings(vocab_size, hidden_size)
+        self.embedding_dropout = nn.Dropout(embd_pdrop)
+        layers = [
+            LlamaDecoderLayer(hidden_size, num_heads, num_kv_heads, filter_size, nonlinearity, layer_norm_epsilon,
+                              use_projection_bias_in_attention, use_ffn_bias, dropout_rate, attention_dropout_rate)
+            for _ in range(num_hidden_layers)
+        ]
+        self.transformer_decoder = TransformerStack(layers, RMSNorm(hidden_size, layer_norm_epsilon))
+        # Cerebras registers the final norm twice, so checkpoints carry both `transformer_decoder.norm` and `ln_f`.
+        self.ln_f = self.transformer_decoder.norm
+        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=use_bias_in_output)
+        if share_embedding_weights:
+            self.lm_head.weight = self.embedding_layer.word_embeddings.weight
+        self.rotary_dim = rotary_dim or hidden_size // num_heads
+        self.rope_theta = rope_theta
+        self.pos_scaling_factor = pos_scaling_factor
+
+    def compute_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding_layer.word_embeddings(input_ids)
+
+    def decode(self, embeddings: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal decoder over input embeddings [B, S, H]; returns final-norm hidden states.
+
+        key_padding_mask: [B, S], nonzero = that key position is never attended to."""
+        b, s, _ = embeddings.shape
+        rotary = rotary_tables(s, self.rotary_dim, self.rope_theta, self.pos_scaling_factor, embeddings.device,
+                               torch.float32)
+        if key_padding_mask is None:
+            attn_mask, is_causal = None, True
+        else:
+            causal = torch.ones(s, s, dtype=torch.bool, device=embeddings.device).tril()
+            attend = causal & (key_padding_mask == 0)[:, None, None, :]
+            # A query may always see itself, so a masked position never has an all-masked row (NaN in SDPA);
+            # no real position attends to a masked key, so this changes no unmasked output.
+            attn_mask = attend | torch.eye(s, dtype=torch.bool, device=embeddings.device)
+            is_causal = False
+        x = self.embedding_dropout(embeddings)
+        stack = self.transformer_decoder
+        x = stack.run_layers(x, len(stack.layers), attn_mask=attn_mask, is_causal=is_causal, rotary=rotary)
+        return self.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.lm_head(self.decode(self.compute_input_embeddings(input_ids), key_padding_mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA
+
+
+class Llava(nn.Module):
+    """ViT features -> projector -> written over the image placeholder slots of the text embeddings -> Llama."""
+
+    def __init__(self, image_model: ViTModel, text_model: LlamaLMModel, projector_image_model: nn.Module,
+                 image_feature_select_layer_idx: Optional[int] = None, image_feature_select_mode: str = "patch",
+                 image_start_idx: int = 1):
+        super().__init__()
+        if image_feature_select_mode not in ("patch", "cls_patch"):
+            raise ValueError(f"image_feature_select_mode must be 'patch' or 'cls_patch', got "
+                             f"{image_feature_select_mode!r}")
+        self.image_model = image_model
+        self.text_model = text_model
+        self.projector_image_model = projector_image_model
+        num_layers = len(image_model.encoder.transformer_encoder.layers)
+        # Negative indices count from the end (-2 = penultimate layer = LLaVA's mm_vision_select_layer -2).
+        self.image_feature_select_layer_idx = (
+            None if image_feature_select_layer_idx is None else image_feature_select_layer_idx % num_layers)
+        self.image_feature_select_mode = image_feature_select_mode
+        self.image_start_idx = image_start_idx
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.image_model.num_patches + (1 if self.image_feature_select_mode == "cls_patch" else 0)
+
+    def image_features(self, image_data: torch.Tensor) -> torch.Tensor:
+        """Projected image features [B, NP, H_text] (NP + 1 in cls_patch mode)."""
+        weight = self.image_model.embedding_layer.linear_proj.weight
+        feats = self.image_model.extract_features(image_data.to(weight.dtype), self.image_feature_select_layer_idx)
+        if self.image_feature_select_mode == "patch":
+            feats = feats[:, 1:]
+        return self.projector_image_model(feats)
+
+    def merge(self, text_embeddings: torch.Tensor, image_features: torch.Tensor,
+              image_start_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Replace NP placeholder embeddings, at the static start index or per sample, with image features."""
+        image_features = image_features.to(text_embeddings.dtype)
+        n = image_features.shape[1]
+        if image_start_idx is None:
+            s = self.image_start_idx
+            return torch.cat((text_embeddings[:, :s], image_features, text_embeddings[:, s + n:]), dim=1)
+        positions = image_start_idx.long().view(-1, 1) + torch.arange(n, device=text_embeddings.device)
+        index = positions.unsqueeze(-1).expand(-1, -1, text_embeddings.shape[-1])
+        return text_embeddings.scatter(1, index, image_features)
+
+    def hidden_states(self, image_data: torch.Tensor, text_input_ids: torch.Tensor,
+                      key_padding_mask: Optional[torch.Tensor] = None,
+                      image_start_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        text = self.text_model.compute_input_embeddings(text_input_ids)
+        merged = self.merge(text, self.image_features(image_data), image_start_idx)
+        return self.text_model.decode(merged, key_padding_mask)
+
+    def forward(self, image_data: torch.Tensor, text_input_ids: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, image_start_idx: Optional[torch.Tensor] = None,
+                output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, S, V], or [N, V] at `output_positions` (flat indices into B*S) when given."""
+        h = self.hidden_states(image_data, text_input_ids, key_padding_mask, image_start_idx)
+        if output_positions is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, output_positions)
+        return self.text_model.lm_head(h)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts; shared tensors counted once."""
+    trainable = frozen = 0
+    for p in module.parameters():  # parameters() already skips duplicates (ln_f, tied lm_head)
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return trainable, frozen
+
+
+def init_weights(module: nn.Module, initializer_range: float = 0.02) -> None:
+    """Normal(0, initializer_range) for linear/conv/embedding weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=initializer_range)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=initializer_range)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, ViTEmbeddings):
+            nn.init.normal_(m.cls_embedding, std=initializer_range)
+
+
+def projector_init_(projector: FeedForwardNetwork) -> None:
+    """Cerebras' projector init: kaiming_uniform(a=sqrt(5)) weights (= nn.Linear's default), zero biases."""
+    for layer in projector.ffn:
+        for lin in (layer.linear_layer, getattr(layer, "linear_layer_for_glu", None)):
+            if lin is None:
+                continue
+            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
