@@ -305,7 +305,7 @@ class LlavaModel(nn.Module):
         self.model = build_llava(self.config)
         freeze_modules(self.model, self.config.freeze)
         # lm_head only at loss positions (a dynamic shape): big saving in phase 1, where ~30 of 2048 positions
-        # carry loss. Set False for fixed-shape backends (CSX) to compute the full [B, S, V] logits.
+        # carry loss. Set False for fixed-shape backends (CSX): full [B, S, V] logits, no data-dependent branches.
         self.sparse_logits = sparse_logits
 
     def train(self, mode: bool = True):
@@ -341,7 +341,10 @@ class LlavaModel(nn.Module):
         self.check_batch(batch)
         loss_mask = batch["loss_mask"]
         labels = batch["labels"].long()
-        args = (batch["image_data"], batch["text_input_ids"], batch["key_padding_mask"], batch.get("image_start_idx"))
+        key_padding_mask = batch["key_padding_mask"]
+        if self.sparse_logits and not key_padding_mask.any():
+            key_padding_mask = None  # nothing padded: SDPA's causal fast path instead of an explicit mask
+        args = (batch["image_data"], batch["text_input_ids"], key_padding_mask, batch.get("image_start_idx"))
         if self.sparse_logits and not output_logits:
             positions = loss_mask.reshape(-1).nonzero().squeeze(-1)
             logits = self.model(*args, output_positions=positions)
