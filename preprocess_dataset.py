@@ -43,6 +43,7 @@ import math
 import os
 import posixpath
 import random
+import string
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -369,35 +370,37 @@ def require_dir(path, option: str) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def ai2d_records(doc) -> list[dict]:
-    """All question records of one AI2D question file (spec 1.2)."""
-    image_name = field(doc, "imageName")
-    questions = field(doc, "questions", (dict,))
-    records = []
-    for question, q in questions.items():
-        answer_texts = field(q, "answerTexts", (list,))
-        if len(answer_texts) > len(AI2D_OPTION_LABELS):
-            raise BadRecord("more than 4 options", f"question {question!r} has {len(answer_texts)}")
-        options = [f"{label}) {text}" for label, text in zip(AI2D_OPTION_LABELS, answer_texts)]
-        correct = field(q, "correctAnswer", (int,))
-        if not 0 <= correct < len(options):
-            raise BadRecord("answer index out of range", f"correctAnswer {correct} with {len(options)} options")
-        records.append(
-            llava_record(
-                field(q, "questionId", (str, int)),
-                f"{IMAGE_PREFIXES['ai2d']}/{image_name}",
-                question + " " + " ".join(options),
-                options[correct],
-            )
-        )
-    return records
+def ai2d_record(image_name: str, question: str, q) -> dict:
+    """One AI2D question (spec 1.2): options labelled "a) ...", the answer is the correct labelled option."""
+    answer_texts = field(q, "answerTexts", (list,))
+    if len(answer_texts) > len(AI2D_OPTION_LABELS):
+        raise BadRecord("more than 4 options", f"{len(answer_texts)} answerTexts")
+    options = [f"{label}) {text}" for label, text in zip(AI2D_OPTION_LABELS, answer_texts)]
+    correct = field(q, "correctAnswer", (int,))
+    if not 0 <= correct < len(options):
+        raise BadRecord("answer index out of range", f"correctAnswer {correct} with {len(options)} options")
+    return llava_record(
+        field(q, "questionId", (str, int)),
+        f"{IMAGE_PREFIXES['ai2d']}/{image_name}",
+        question + " " + " ".join(options),
+        options[correct],
+    )
 
 
 def convert_ai2d(question_dir, output_jsonl_dir, *, image_root=None, strict=False, progress=True) -> Report:
-    """Every question file in `question_dir` -> `output_jsonl_dir/ai2d_llava.jsonl` (files in sorted order)."""
+    """Every question file in `question_dir` -> `output_jsonl_dir/ai2d_llava.jsonl`.
+
+    Files are read in sorted name order (Cerebras used unsorted os.listdir), questions in file order.
+    """
     report = Report("ai2d", strict)
     files = sorted(p for p in require_dir(question_dir, "--question_dir").iterdir() if p.is_file())
     images = ImageChecker(image_root)
+
+    def where(path: Path):
+        def at(index: int, qa) -> str:
+            qid = qa[1].get("questionId") if isinstance(qa[1], dict) else None
+            return f"{path.name} question {index}" + (f" (questionId {qid!r})" if qid is not None else "")
+        return at
 
     def records() -> Iterator[dict]:
         for path in progress_bar(files, progress, "ai2d", unit="file"):
@@ -405,13 +408,13 @@ def convert_ai2d(question_dir, output_jsonl_dir, *, image_root=None, strict=Fals
             if doc is None:
                 continue
             try:
-                recs = ai2d_records(doc)
-                for r in recs:
-                    images.check(r["image"])
-            except BadRecord as err:  # a bad question makes the whole file suspect: skip it, say which
+                image_name = field(doc, "imageName")
+                questions = field(doc, "questions", (dict,))
+            except BadRecord as err:
                 report.skip(err, str(path))
                 continue
-            yield from recs
+            yield from converted(list(questions.items()), lambda i, qa: [ai2d_record(image_name, *qa)],
+                                 where(path), report, images)
 
     write_jsonl_or_note(Path(output_jsonl_dir) / "ai2d_llava.jsonl", records(), report)
     return report
@@ -768,14 +771,18 @@ def synthdog_record(row_id: str, ground_truth, question: str, image_prefix: str)
     return llava_record(row_id, posixpath.join(image_prefix, f"{row_id}.png"), question, text)
 
 
-def iter_parquet_batches(path: Path, columns: list[str] | None, batch_size: int, report: Report):
-    """Yield record batches of one parquet file (row group by row group); an unreadable file is counted."""
+def iter_parquet_batches(path: Path, columns: list[str] | None, required: list[str], batch_size: int,
+                         report: Report):
+    """Yield the row count, then record batches of one parquet file (streamed row group by row group).
+
+    `columns` None reads every column. An unreadable file, or one without the `required` columns, is counted.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
-        missing = [c for c in (columns or []) if c not in pf.schema_arrow.names]
+        missing = [c for c in required if c not in pf.schema_arrow.names]
         if missing:
             raise BadRecord("parquet file without the expected columns", f"missing {missing}, has {pf.schema_arrow.names}")
         yield pf.metadata.num_rows
@@ -805,7 +812,7 @@ def convert_synthdog_en(input_dir, output_jsonl_dir, output_image_dir, image_pre
         try:
             def records() -> Iterator[dict]:
                 row = 0
-                batches = iter_parquet_batches(path, ["image", "ground_truth"], 64, report)
+                batches = iter_parquet_batches(path, None, ["image", "ground_truth"], 64, report)
                 total = next(batches, None)
                 bar = progress_bar(None, progress, path.name, total=total, unit="img") if progress else None
                 for batch in batches:
@@ -892,7 +899,7 @@ def convert_arxivcap(input_dir, output_jsonl_dir, output_image_dir, image_prefix
             def records() -> Iterator[dict]:
                 row = 0
                 columns = None if output_parquet_dir else ["caption_images"]
-                batches = iter_parquet_batches(path, columns or ["caption_images"], 8, report)
+                batches = iter_parquet_batches(path, columns, ["caption_images"], 8, report)
                 total = next(batches, None)
                 bar = progress_bar(None, progress, path.name, total=total, unit="row") if progress else None
                 for batch in batches:
@@ -949,6 +956,8 @@ SPM_TRAINER_SETTINGS = dict(
 
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:
     # One sentence per line, so "\n" never becomes a piece and is byte-encoded as <0x0A>, as in Llama-2.
+    # A line of printable ASCII first gives every letter, digit and sign a piece of its own.
+    yield string.ascii_letters + string.digits + string.punctuation
     for text in texts:
         for line in text.split("\n"):
             if line.strip():
