@@ -1,0 +1,1654 @@
+"""Stage 2 of the LLaVA pipeline: LLaVA jsonl -> H5 files (Cerebras layout), H5 shuffling, and the H5 reader.
+
+Writer (tokenizes LLaVA records into `data` [n, 4, MSL] int32 rows + `img_path` [n, 1] bytes, and writes
+`data_params.json` with `image_patch_info.image_patch_start_idx`):
+
+    python create_hdf5_dataset.py LlavaPhaseOne --params configs/llava_phase_1_preproc.yaml
+    python create_hdf5_dataset.py LlavaPhaseTwo --params configs/llava_phase_2_preproc.yaml \
+        --input_dir data/mix665k_jsonl --output_dir data/llava_phase_2_h5 --processes 0
+
+Command-line values override the yaml only when given. `--overwrite` replaces an existing output directory's
+H5 files; `--resume_from_checkpoint True` continues an interrupted run (same settings) without duplicates.
+
+Shuffle (multimodal: `img_path` rows move with their `data` rows; deterministic for a seed, independent of the
+number of workers; waits for its workers):
+
+    python create_hdf5_dataset.py shuffle INPUT_DIR OUTPUT_DIR --num_chunks 16 --num_workers 2 --seed 0
+
+Reader (used by run.py): `LlavaH5Dataset`, `ResumableSampler`, `build_transforms`.
+
+Token layouts (spec 2.6/2.7), with the fixes of spec 8 items 7-13:
+  phase 1: [BOS] [pad x NP] caption EOS (caption EOS ...)           image slots start at 1
+  phase 2: SYSTEM USER: "▁" [pad x NP] text ASSISTANT: answer EOS (USER: text ASSISTANT: answer EOS ...)
+           image slots start at len(SYSTEM) + len(USER:) + 1 = 35 for vicuna_v1 with the Llama-2 tokenizer.
+  rows: input_ids = ids[:-1], labels = ids[1:], loss_mask[t] = 1 when labels[t] is an answer token or an
+  assistant EOS, key_padding_mask = 1 where a key must not be attended (padding; image slots of text-only rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import gzip
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+# Heavy imports (torch, transformers, h5py, PIL) happen inside the functions that need them. The reader classes
+# subclass torch types, so they are created lazily through module __getattr__ (see the end of the file).
+
+# --------------------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------------------
+
+VICUNA_V0_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+# dataset.system_prompt_style -> (system prompt, default user prefix, default assistant prefix).
+# System texts are Cerebras' SYSTEM_PROMPT_REGISTRY (spec 2.4). Cerebras takes the prefixes from the yaml keys
+# prompt_prefix / completion_prefix; here they default per style and those yaml keys still win when set.
+# Adding a style is one row.
+PROMPT_STYLES: dict[str, tuple[str, str, str]] = {
+    "vicuna_v1": (VICUNA_V1_SYSTEM, "USER:", "ASSISTANT:"),
+    "vicuna_v0": (VICUNA_V0_SYSTEM, "USER:", "ASSISTANT:"),
+    "llava_v0": (VICUNA_V0_SYSTEM, "USER:", "ASSISTANT:"),
+    "llava_v1": (VICUNA_V0_SYSTEM, "USER:", "ASSISTANT:"),
+    "llava_plain": ("", "", ""),  # no system text and no role prefixes: BOS, image, text, answer
+    "zephyr": ("<|system|>\n</s>", "USER:", "ASSISTANT:"),
+    "mistral_instruct": ("", "USER:", "ASSISTANT:"),
+}
+
+# `from` value of a conversation turn -> role. A "system" turn is only accepted as the first turn.
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# Why a record was skipped (counted per reason in data_params.json `post-process` and on the console).
+SKIP_REASONS = {
+    "malformed_json": "the line is not valid JSON",
+    "not_an_object": "the record is not a JSON object",
+    "no_conversations": "the conversation key is missing, empty or not a list",
+    "bad_turn": "a turn is not an object with `from` and the content key",
+    "non_string_value": "a turn's `from`/content or the image path is not a string",
+    "unknown_role": "a turn's `from` is not one of human/user, gpt/assistant, system (first turn only)",
+    "not_alternating": "turns do not alternate user, assistant, ... ending with an assistant turn",
+    "image_outside_root": "the image path is absolute or escapes dataset.image_dir with ../",
+    "missing_image": "the image file does not exist under dataset.image_dir",
+    "too_long": "even the first turn does not fit in max_seq_length",
+}
+
+PROCESSORS = {"LlavaPhaseOne": "LlavaPhaseOnePreprocessor", "LlavaPhaseTwo": "LlavaPhaseTwoPreprocessor"}
+
+INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
+
+RECORDS_PER_BLOCK = 256  # records are dealt to processes in blocks of this many (fixed, so output sets match)
+FLUSH_ROWS = 64  # rows written to h5 per call (measured fastest for gzip chunks of (1, 4, 2048))
+H5_FEATURES = ("input_ids", "loss_mask", "labels", "key_padding_mask")
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration (spec 2.2): three yaml sections parsed into dataclasses
+# --------------------------------------------------------------------------------------------------------------
+
+# Alternative spellings users copy from the seed document: alternative -> canonical.
+SECTION_SPELLINGS = {"processor": "processing"}
+KEY_SPELLINGS = {"processing": {"max_sequence_length": "max_seq_length"}}
+
+
+@dataclasses.dataclass
+class SetupConfig:
+    input_dir: str | None = None  # folder searched recursively for *.jsonl, *.jsonl.gz, *.json
+    metadata_files: str | list | None = None  # instead of input_dir: text file(s) listing input files, one a line
+    output_dir: str | None = None  # where examples_<k>_<proc>.h5 and data_params.json go
+    processes: int = 1  # worker processes; 0 = all cores
+    dataset_processor: str | None = None  # LlavaPhaseOnePreprocessor | LlavaPhaseTwoPreprocessor (set by the mode)
+    module: str | None = None  # Cerebras key, no effect here
+
+
+@dataclasses.dataclass
+class ProcessingConfig:
+    tokenizer_type: str = "HuggingFaceTokenizer"  # only HuggingFaceTokenizer is supported
+    huggingface_tokenizer: str | None = None  # local folder of a Llama-family HF tokenizer (no downloads)
+    eos_id: int | None = None  # overrides the tokenizer's EOS id (and then pad_id too)
+    pad_id: int | None = None  # overrides the pad id (default: tokenizer pad, else EOS); fills the image slots
+    max_seq_length: int = 2048  # MSL: row length
+    output_name: str = "examples"  # file prefix: <output_name>_<k>_<proc>.h5
+    files_per_record: int = 10000  # samples per H5 file
+    write_remainder: bool = True  # write the last, partly filled file of each process
+    resume_from_checkpoint: bool = False  # continue an interrupted run in output_dir
+    display_pbar: bool = True  # progress bar (also --no_progress)
+    seed: int = 0  # Cerebras key; preprocessing is deterministic and does not use it
+    # Cerebras keys accepted for compatibility, no effect here:
+    vocab_file: str | None = None
+    encoder_file: str | None = None
+    split_text_to_tokenize: bool = False
+    chunk_len_to_split: int = 2000
+    remove_bos_in_chunks: bool = False
+    short_seq_prob: float = 0.0
+    write_in_batch: bool = True
+    auth_token: str | None = None
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+    use_ftfy: bool = True  # clean texts with ftfy.fix_text (falls back to unicodedata NFC when ftfy is absent)
+    ftfy_normalizer: str = "NFC"  # unicode normalisation passed to ftfy
+    multi_turn_key: str = "conversations"  # record key holding the turns
+    multi_turn_content_key: str = "value"  # turn key holding the text
+    image_key: str = "image"  # record key holding the image path relative to image_dir
+    image_token: str = "<image>"  # removed from the text; the image goes to the fixed slots
+    image_dir: str | None = None  # root of all images; every image path must exist below it
+    num_patches: int = 576  # NP: image slots per sample ((336/14)^2)
+    system_prompt_style: str = "vicuna_v1"  # phase 2: key of PROMPT_STYLES
+    prompt_prefix: str | None = None  # phase 2 user prefix (default from the style)
+    completion_prefix: str | None = None  # phase 2 assistant prefix (default from the style)
+    multi_modal_non_image_ex_key: str | None = None  # Cerebras' text-only marker key ("model"); not required here
+    input_ids_dtype: str = "int32"  # only int32
+    input_mask_dtype: str = "int32"  # only int32
+    inverted_mask: bool = False  # only False
+    # Cerebras keys accepted for compatibility, no effect here:
+    wikitext_detokenize: bool = False
+    jsonl_key: str | None = None
+    min_sequence_len: int | None = None
+    prompt_key: str | None = None
+    completion_key: str | None = None
+    sep_token: str | None = None
+    eos_after_prompt: bool = False
+
+
+SECTIONS = {"setup": SetupConfig, "processing": ProcessingConfig, "dataset": DatasetConfig}
+IGNORED_KEYS = {
+    "setup": ["module"],
+    "processing": ["vocab_file", "encoder_file", "split_text_to_tokenize", "chunk_len_to_split",
+                   "remove_bos_in_chunks", "short_seq_prob", "write_in_batch", "auth_token", "seed"],
+    "dataset": ["wikitext_detokenize", "jsonl_key", "min_sequence_len", "prompt_key", "completion_key",
+                "sep_token", "eos_after_prompt"],
+}
+
+# Command-line overrides: option -> (section, key). Each wins only when given.
+CLI_OVERRIDES = {
+    "input_dir": ("setup", "input_dir"), "metadata_files": ("setup", "metadata_files"),
+    "output_dir": ("setup", "output_dir"), "processes": ("setup", "processes"),
+    "huggingface_tokenizer": ("processing", "huggingface_tokenizer"), "eos_id": ("processing", "eos_id"),
+    "pad_id": ("processing", "pad_id"), "max_seq_length": ("processing", "max_seq_length"),
+    "output_name": ("processing", "output_name"), "files_per_record": ("processing", "files_per_record"),
+    "write_remainder": ("processing", "write_remainder"),
+    "resume_from_checkpoint": ("processing", "resume_from_checkpoint"),
+    "use_ftfy": ("dataset", "use_ftfy"), "image_dir": ("dataset", "image_dir"),
+    "num_patches": ("dataset", "num_patches"), "system_prompt_style": ("dataset", "system_prompt_style"),
+    "prompt_prefix": ("dataset", "prompt_prefix"), "completion_prefix": ("dataset", "completion_prefix"),
+}
+
+
+@dataclasses.dataclass
+class PreprocConfig:
+    setup: SetupConfig
+    processing: ProcessingConfig
+    dataset: DatasetConfig
+    source: str = "<dict>"  # where the params came from (for messages)
+    spelled: dict = dataclasses.field(default_factory=dict)  # canonical "section.key" -> name as written
+
+    def name(self, section: str, key: str) -> str:
+        """The key as the user wrote it, for error messages."""
+        canon = f"{section}.{key}"
+        written = self.spelled.get(canon, canon)
+        return canon if written == canon else f"{canon} (written as {written})"
+
+    def to_dict(self) -> dict:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+
+class ConfigError(ValueError):
+    """A problem with the preprocessing yaml or command line; the message says what to change."""
+
+
+def _canonical_sections(raw: dict, source: str) -> tuple[dict, dict]:
+    """Map alternative spellings to canonical names; return (sections, canonical name -> written name)."""
+    sections: dict[str, dict] = {}
+    spelled: dict[str, str] = {}
+    for sec_name, body in raw.items():
+        canon_sec = SECTION_SPELLINGS.get(sec_name, sec_name)
+        if canon_sec not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {sec_name!r}; valid sections: {sorted(SECTIONS)}"
+                              f" (or 'processor' for 'processing')")
+        if canon_sec in sections:
+            raise ConfigError(f"{source}: both 'processing' and 'processor' sections are present; keep one")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: section {sec_name!r} must be a mapping, found {type(body).__name__}")
+        out: dict[str, Any] = {}
+        for key, value in body.items():
+            canon_key = KEY_SPELLINGS.get(canon_sec, {}).get(key, key)
+            if canon_key in out:
+                raise ConfigError(f"{source}: {sec_name}.{key} and {sec_name}.{canon_key} are both set "
+                                  f"(two spellings of one key); keep one")
+            out[canon_key] = value
+            spelled[f"{canon_sec}.{canon_key}"] = f"{sec_name}.{key}"
+        sections[canon_sec] = out
+    return sections, spelled
+
+
+def _unknown_key_error(source: str, section: str, key: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{source}: unknown key {section}.{key}.{hint} Valid keys of {section!r}: {', '.join(valid)}")
+
+
+def parse_config(raw: dict, source: str = "<dict>", overrides: dict | None = None) -> PreprocConfig:
+    """Parse a preprocessing params dict (yaml) plus command-line overrides {option: value} into dataclasses."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with setup/processing/dataset sections")
+    sections, spelled = _canonical_sections(raw, source)
+    for opt, value in (overrides or {}).items():
+        if value is None:
+            continue
+        sec, key = CLI_OVERRIDES[opt]
+        sections.setdefault(sec, {})[key] = value
+        spelled[f"{sec}.{key}"] = f"--{opt}"
+    built = {}
+    for sec, cls in SECTIONS.items():
+        body = sections.get(sec, {})
+        valid = {f.name for f in dataclasses.fields(cls)}
+        for key in body:
+            if key not in valid:
+                raise _unknown_key_error(source, sec, key)
+        built[sec] = cls(**body)
+    cfg = PreprocConfig(built["setup"], built["processing"], built["dataset"], source, spelled)
+    _check_config_values(cfg)
+    return cfg
+
+
+def _as_bool(cfg: PreprocConfig, sec: str, key: str) -> None:
+    obj = getattr(cfg, sec)
+    value = getattr(obj, key)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(f"{cfg.source}: {cfg.name(sec, key)} must be true or false, found {value!r}")
+    setattr(obj, key, value)
+
+
+def _as_int(cfg: PreprocConfig, sec: str, key: str, minimum: int | None, allow_none: bool = False) -> None:
+    obj = getattr(cfg, sec)
+    value = getattr(obj, key)
+    if value is None and allow_none:
+        return
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        need = f"an integer >= {minimum}" if minimum is not None else "an integer"
+        raise ConfigError(f"{cfg.source}: {cfg.name(sec, key)} must be {need}, found {value!r}")
+    setattr(obj, key, value)
+
+
+def _check_config_values(cfg: PreprocConfig) -> None:
+    for sec, key in [("processing", "write_remainder"), ("processing", "resume_from_checkpoint"),
+                     ("processing", "display_pbar"), ("dataset", "use_ftfy"), ("dataset", "inverted_mask")]:
+        _as_bool(cfg, sec, key)
+    _as_int(cfg, "setup", "processes", 0)
+    _as_int(cfg, "processing", "max_seq_length", 2)
+    _as_int(cfg, "processing", "files_per_record", 1)
+    _as_int(cfg, "processing", "eos_id", 0, allow_none=True)
+    _as_int(cfg, "processing", "pad_id", 0, allow_none=True)
+    _as_int(cfg, "dataset", "num_patches", 1)
+    if cfg.processing.tokenizer_type != "HuggingFaceTokenizer":
+        raise ConfigError(f"{cfg.source}: {cfg.name('processing', 'tokenizer_type')} must be "
+                          f"'HuggingFaceTokenizer', found {cfg.processing.tokenizer_type!r}")
+    if cfg.dataset.system_prompt_style not in PROMPT_STYLES:
+        raise ConfigError(f"{cfg.source}: {cfg.name('dataset', 'system_prompt_style')} is "
+                          f"{cfg.dataset.system_prompt_style!r}; valid styles: {', '.join(PROMPT_STYLES)}")
+    for key in ("input_ids_dtype", "input_mask_dtype"):
+        if getattr(cfg.dataset, key) != "int32":
+            raise ConfigError(f"{cfg.source}: {cfg.name('dataset', key)} must be 'int32' (the Cerebras H5 "
+                              f"layout), found {getattr(cfg.dataset, key)!r}")
+    if cfg.dataset.inverted_mask:
+        raise ConfigError(f"{cfg.source}: {cfg.name('dataset', 'inverted_mask')} = true is not supported; "
+                          f"remove it or set it to false")
+    for key in ("image_token", "multi_turn_key", "multi_turn_content_key", "image_key"):
+        if not isinstance(getattr(cfg.dataset, key), str) or not getattr(cfg.dataset, key):
+            raise ConfigError(f"{cfg.source}: {cfg.name('dataset', key)} must be a non-empty string")
+
+
+def load_config(params: str | os.PathLike, mode: str, overrides: dict | None = None) -> PreprocConfig:
+    """Read the preprocessing yaml, apply overrides, and check that it fits the mode (LlavaPhaseOne/Two)."""
+    import yaml
+
+    path = Path(params)
+    if not path.is_file():
+        raise ConfigError(f"--params {str(path)!r}: file not found")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    cfg = parse_config(raw, str(path), overrides)
+    wanted = PROCESSORS[mode]
+    given = cfg.setup.dataset_processor
+    if given is not None and given != wanted:
+        raise ConfigError(f"{path}: setup.dataset_processor is {given!r} but the command asks for {mode} "
+                          f"({wanted}); use the matching yaml or mode")
+    cfg.setup.dataset_processor = wanted
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer and token layout
+# --------------------------------------------------------------------------------------------------------------
+
+LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
+
+
+def load_tokenizer(folder: str | os.PathLike | None, key_name: str = "processing.huggingface_tokenizer"):
+    """Load a Llama-family HF tokenizer from a local folder (never downloads)."""
+    if folder is None:
+        raise ConfigError(f"{key_name} is not set: give the local folder of a Llama-family Hugging Face "
+                          f"tokenizer (tokenizer.model and/or tokenizer.json, tokenizer_config.json)")
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"{key_name}: tokenizer folder {str(path)!r} (absolute: {path.resolve()}) not found. "
+                          f"Download the tokenizer files (e.g. from lmsys/vicuna-7b-v1.5) into a local folder "
+                          f"and point {key_name} at it; nothing is downloaded at run time.")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; the message is what matters
+        raise ConfigError(f"{key_name}: cannot load a tokenizer from {str(path)!r}: {e}") from e
+    if type(tok).__name__ not in LLAMA_TOKENIZER_CLASSES:
+        raise ConfigError(f"{key_name}: {str(path)!r} holds a {type(tok).__name__}; only Llama-family "
+                          f"tokenizers ({', '.join(LLAMA_TOKENIZER_CLASSES)}; Llama-2, Vicuna, Mistral) are "
+                          f"supported, because the layout relies on SentencePiece's '▁' piece")
+    if tok.eos_token_id is None:
+        raise ConfigError(f"{key_name}: the tokenizer in {str(path)!r} has no EOS token")
+    return tok
+
+
+def make_encoder(tok) -> Callable[[list[str]], list[list[int]]]:
+    """Batch encoder without special tokens; uses the Rust tokenizer directly when available (2x faster)."""
+    rust = getattr(tok, "_tokenizer", None)
+    if rust is not None:
+        fn = getattr(rust, "encode_batch_fast", None) or rust.encode_batch
+        return lambda texts: [e.ids for e in fn(texts, add_special_tokens=False)] if texts else []
+    return lambda texts: tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+class TokenLayout:
+    """Constant parts of a phase's token layout, computed once from the tokenizer and config.
+
+    A sample's token stream is `prefix + suffix`. The prefix (BOS / system / user prefix / "▁" / image slots) is
+    the same for every sample with (v=1) or without (v=0) an image; the suffix holds the turns. `templates[v]` is
+    a [4, MSL] row already holding the prefix and the padding, so a sample only writes its suffix.
+    """
+
+    def __init__(self, tok, cfg: PreprocConfig, phase: int):
+        self.phase = phase
+        encode = make_encoder(tok)
+        self.encode = encode
+        self.msl = cfg.processing.max_seq_length
+        self.np_slots = cfg.dataset.num_patches
+        self.eos_id = cfg.processing.eos_id if cfg.processing.eos_id is not None else tok.eos_token_id
+        if cfg.processing.pad_id is not None:
+            self.pad_id = cfg.processing.pad_id
+        elif cfg.processing.eos_id is not None:  # Cerebras: setting eos_id also sets pad_id
+            self.pad_id = cfg.processing.eos_id
+        else:
+            self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(tok)
+        with_special = tok.encode("a")
+        self.bos = [with_special[0]] if tok.bos_token_id is not None and with_special[0] == tok.bos_token_id else []
+        slots = [self.pad_id] * self.np_slots
+        if phase == 1:
+            pre_ids, pre_att = self.bos + slots, [[1] * len(self.bos) + [v] * self.np_slots for v in (0, 1)]
+            self.image_start_idx = len(self.bos)
+            self.text_only_mask_start = self.image_start_idx
+        else:
+            system, user, assistant = PROMPT_STYLES[cfg.dataset.system_prompt_style]
+            user = cfg.dataset.prompt_prefix if cfg.dataset.prompt_prefix is not None else user
+            assistant = cfg.dataset.completion_prefix if cfg.dataset.completion_prefix is not None else assistant
+            self.system_ids = self.bos + encode([system])[0]
+            self.user_ids = encode([user])[0]
+            self.assistant_ids = encode([assistant])[0]
+            self.space_id = tok.convert_tokens_to_ids("▁")
+            head = self.system_ids + self.user_ids
+            pre_ids = head + [self.space_id] + slots
+            pre_att = [[1] * len(head) + [v] * (1 + self.np_slots) for v in (0, 1)]
+            self.image_start_idx = len(head) + 1
+            self.text_only_mask_start = len(head)
+        self.prefix_len = len(pre_ids)
+        # suffix tokens of a sample occupy ids[prefix_len : prefix_len + n]; input_ids drops the last id
+        self.max_suffix = self.msl + 1 - self.prefix_len
+        if self.max_suffix < 2:
+            raise ConfigError(f"max_seq_length {self.msl} leaves no room for text after the {self.prefix_len} "
+                              f"prefix tokens (system prompt, image slots); raise max_seq_length")
+        self.templates = [self._template(pre_ids, pre_att[v]) for v in (0, 1)]
+
+    def _template(self, ids: list[int], att: list[int]) -> np.ndarray:
+        msl, p = self.msl, self.prefix_len
+        row = np.empty((4, msl), dtype=np.int32)
+        row[0] = self.pad_id
+        row[1] = 0
+        row[2] = self.pad_id
+        row[3] = 1
+        row[0, :p] = ids
+        row[2, :p - 1] = ids[1:]
+        row[3, :p] = 1 - np.asarray(att, dtype=np.int32)
+        return row
+
+    def build_turns(self, turns: list[tuple[list[int], list[int]]], has_image: bool
+                    ) -> list[tuple[list[int], list[int]]]:
+        """Per turn (prompt ids, answer ids) -> (suffix ids, target flags) segments (not yet length-checked)."""
+        eos = self.eos_id
+        segs = []
+        for i, (p_ids, a_ids) in enumerate(turns):
+            if self.phase == 1:  # the prompt is discarded (caption-only); every caption token is a target
+                ids = a_ids + [eos]
+                tgt = [1] * len(ids)
+                if i == 0 and not has_image:
+                    tgt[0] = 0  # it would be predicted from a masked image slot (and never from BOS: bug 8)
+            else:
+                head = (p_ids if i == 0 else self.user_ids + p_ids) + self.assistant_ids
+                ids = head + a_ids + [eos]
+                tgt = [0] * len(head) + [1] * (len(a_ids) + 1)
+            segs.append((ids, tgt))
+        return segs
+
+    def fit(self, segs: list[tuple[list[int], list[int]]]) -> int:
+        """Number of whole turns that fit in MSL (0 = not even the first)."""
+        total, n = 0, 0
+        for ids, _ in segs:
+            total += len(ids)
+            if total > self.max_suffix:
+                break
+            n += 1
+        return n
+
+    def write_row(self, row: np.ndarray, ids: list[int], tgt: list[int]) -> None:
+        """Write a sample's suffix into `row`, which already holds templates[v]."""
+        p, n = self.prefix_len, len(ids)
+        row[0, p:p + n - 1] = ids[:-1]
+        row[2, p - 1:p + n - 1] = ids
+        row[1, p - 1:p + n - 1] = tgt
+        row[3, p:p + n - 1] = 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading and validating records
+# --------------------------------------------------------------------------------------------------------------
+
+
+def find_input_files(cfg: PreprocConfig) -> list[Path]:
+    """Input files in a deterministic (sorted) order."""
+    setup = cfg.setup
+    if setup.metadata_files:
+        lists = setup.metadata_files if isinstance(setup.metadata_files, list) else \
+            [s for s in str(setup.metadata_files).split(",") if s.strip()]
+        files = []
+        for lst in lists:
+            lst_path = Path(str(lst).strip())
+            if not lst_path.is_file():
+                raise ConfigError(f"{cfg.name('setup', 'metadata_files')}: list file {str(lst_path)!r} not found")
+            for line in lst_path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    f = Path(line.strip())
+                    if not f.is_file():
+                        raise ConfigError(f"{lst_path}: listed input file {str(f)!r} not found")
+                    files.append(f)
+        return files
+    if not setup.input_dir:
+        raise ConfigError(f"{cfg.source}: set setup.input_dir (or setup.metadata_files), or pass --input_dir")
+    root = Path(setup.input_dir)
+    if not root.is_dir():
+        raise ConfigError(f"{cfg.name('setup', 'input_dir')}: folder {str(root)!r} not found "
+                          f"(edit the yaml or pass --input_dir)")
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES)),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise ConfigError(f"{cfg.name('setup', 'input_dir')}: no {', '.join(INPUT_SUFFIXES)} files in {str(root)!r}")
+    return files
+
+
+def _iter_file_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number or array index, raw bytes line or already-parsed object) for every record of a file."""
+    if path.name.endswith(".json"):
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            obj = json.loads(data)
+        except json.JSONDecodeError:
+            obj = None  # not one JSON document: treat as JSON lines (e.g. Cerebras' synthdog .json output)
+        if isinstance(obj, list):
+            for i, rec in enumerate(obj):
+                yield i + 1, rec
+            return
+        if obj is not None:
+            yield 1, obj
+            return
+        for i, line in enumerate(data.splitlines()):
+            if line.strip():
+                yield i + 1, line
+        return
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                yield i + 1, line
+
+
+def iter_assigned_records(files: list[Path], proc: int, nproc: int, start: int
+                          ) -> Iterator[tuple[int, Path, int, Any]]:
+    """(global index, file, line, raw) of the records dealt to process `proc`: blocks b with b % nproc == proc.
+
+    Every record (including malformed ones) gets a global index in file order, so the set of samples written
+    does not depend on the number of processes. Records before `start` (resume point) are skipped unparsed."""
+    g = 0
+    for path in files:
+        for line_no, raw in _iter_file_records(path):
+            if g >= start and (g // RECORDS_PER_BLOCK) % nproc == proc:
+                yield g, path, line_no, raw
+            g += 1
+
+
+def count_records(files: list[Path]) -> int | None:
+    """Fast record count for the progress bar (None when a JSON array file would need parsing)."""
+    total = 0
+    for path in files:
+        if path.name.endswith(".json"):
+            return None
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            last = b"\n"
+            while chunk := f.read(1 << 22):
+                total += chunk.count(b"\n")
+                last = chunk[-1:]
+            total += last != b"\n"
+    return total
+
+
+def _make_cleaner(cfg: PreprocConfig) -> Callable[[str], str]:
+    if not cfg.dataset.use_ftfy:
+        return lambda s: s
+    try:
+        import ftfy
+    except ImportError:
+        form = cfg.dataset.ftfy_normalizer or "NFC"
+        return lambda s: s if unicodedata.is_normalized(form, s) else unicodedata.normalize(form, s)
+    norm = cfg.dataset.ftfy_normalizer
+    return lambda s: ftfy.fix_text(s, normalization=norm)
+
+
+def safe_relative_path(rel: str) -> bool:
+    """True when `rel` stays inside the root it is joined to (no absolute path, no '..' escape)."""
+    if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel):
+        return False
+    norm = os.path.normpath(rel)
+    return norm != ".." and not norm.startswith(".." + os.sep) and not norm.startswith("../")
+
+
+class RecordParser:
+    """Validates one LLaVA record and returns (skip reason, None) or (None, (image path|None, [(user, asst)]))."""
+
+    def __init__(self, cfg: PreprocConfig, phase: int):
+        d = cfg.dataset
+        self.phase = phase
+        self.turns_key, self.content_key, self.image_key = d.multi_turn_key, d.multi_turn_content_key, d.image_key
+        self.image_token = d.image_token
+        self.image_dir = d.image_dir
+        self.clean = _make_cleaner(cfg)
+        self.system_turns = 0  # leading system turns seen (dropped: the image position must stay fixed)
+
+    def parse(self, raw: Any) -> tuple[str | None, Any]:
+        if isinstance(raw, (bytes, str)):
+            try:
+                raw = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return "malformed_json", None
+        if not isinstance(raw, dict):
+            return "not_an_object", None
+        conv = raw.get(self.turns_key)
+        if not isinstance(conv, list) or not conv:
+            return "no_conversations", None
+        image = raw.get(self.image_key)
+        if image is not None:
+            if not isinstance(image, str):
+                return "non_string_value", None
+            if not safe_relative_path(image):
+                return "image_outside_root", None
+            if not os.path.isfile(os.path.join(self.image_dir, image)):
+                return "missing_image", None
+        roles, texts = [], []
+        for turn in conv:
+            if not isinstance(turn, dict) or "from" not in turn or self.content_key not in turn:
+                return "bad_turn", None
+            role, text = turn["from"], turn[self.content_key]
+            if not isinstance(role, str) or not isinstance(text, str):
+                return "non_string_value", None
+            role = ROLE_NAMES.get(role.lower())
+            if role is None:
+                return "unknown_role", None
+            roles.append(role)
+            texts.append(text)
+        if roles[0] == "system":
+            roles, texts = roles[1:], texts[1:]
+            self.system_turns += 1
+        if not roles or len(roles) % 2 or any(r != ("user" if i % 2 == 0 else "assistant")
+                                              for i, r in enumerate(roles)):
+            return ("unknown_role" if "system" in roles else "not_alternating"), None
+        pairs = []
+        for i in range(0, len(texts), 2):
+            user, answer = texts[i], texts[i + 1]
+            if self.phase == 1:  # caption-only: the prompt is discarded (spec 2.5)
+                pairs.append(("", self.clean(answer)))
+                continue
+            if image is not None:
+                user = user.replace(self.image_token, "")
+                if i == 0:  # the image always sits before the first user text: "<image>\n" + text (LLaVA)
+                    user = "\n" + user.strip()
+            pairs.append((self.clean(user), self.clean(answer)))
+        return None, (image, pairs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing H5 files
+# --------------------------------------------------------------------------------------------------------------
+
+
+class H5FileWriter:
+    """Writes rows into <name>_<k>_<proc>.h5 files of `files_per_record` rows, under a temporary name first."""
+
+    def __init__(self, out_dir: Path, name: str, proc: int, layout: TokenLayout, files_per_record: int,
+                 first_file: int, on_file_done: Callable[[int, dict], None]):
+        self.out_dir, self.name, self.proc, self.layout = out_dir, name, proc, layout
+        self.per_file = files_per_record
+        self.file_no = first_file
+        self.on_file_done = on_file_done
+        self.buf = np.empty((FLUSH_ROWS, 4, layout.msl), dtype=np.int32)
+        self.buf_n = 0
+        self.h5 = None
+        self.dset = None
+        self.rows_in_file = 0
+        self.paths: list[bytes] = []
+        self.file_stats = _zero_stats()
+
+    def final_name(self, k: int) -> Path:
+        return self.out_dir / f"{self.name}_{k}_{self.proc}.h5"
+
+    def new_row(self, img_path: str | None) -> np.ndarray:
+        """Next row to fill (pre-set to the template); the caller writes the suffix."""
+        row = self.buf[self.buf_n]
+        row[...] = self.layout.templates[img_path is not None]
+        self.buf_n += 1
+        self.paths.append(b"None" if img_path is None else img_path.encode("utf-8"))
+        return row
+
+    def row_done(self, record_index: int) -> None:
+        """Call after filling the row from new_row(); flushes and closes files as they fill."""
+        if self.rows_in_file + self.buf_n >= self.per_file or self.buf_n == FLUSH_ROWS:
+            self._flush()
+        if self.rows_in_file >= self.per_file:
+            self._close_file(record_index + 1)
+
+    def _open(self) -> None:
+        import h5py
+
+        tmp = self.final_name(self.file_no).with_suffix(".h5.tmp")
+        self.h5 = h5py.File(tmp, "w")
+        msl = self.layout.msl
+        self.dset = self.h5.create_dataset("data", shape=(0, 4, msl), maxshape=(None, 4, msl), dtype="i4",
+                                           chunks=(1, 4, msl), compression="gzip")
+
+    def _flush(self) -> None:
+        n = self.buf_n
+        if n == 0:
+            return
+        if self.h5 is None:
+            self._open()
+        block = self.buf[:n]
+        _accumulate_stats(self.file_stats, block, self.layout)
+        start = self.rows_in_file
+        self.dset.resize(start + n, axis=0)
+        self.dset[start:start + n] = block
+        self.rows_in_file += n
+        self.buf_n = 0
+
+    def _close_file(self, next_record: int) -> None:
+        n = self.rows_in_file
+        width = max(1, max(len(p) for p in self.paths))
+        paths = np.array(self.paths, dtype=f"S{width}").reshape(n, 1)
+        self.h5.create_dataset("img_path", data=paths, compression="gzip")
+        self.h5.attrs["n_examples"] = n
+        tmp = Path(self.h5.filename)
+        self.h5.close()
+        os.replace(tmp, self.final_name(self.file_no))
+        stats, self.file_stats = self.file_stats, _zero_stats()
+        self.file_no += 1
+        self.h5, self.dset, self.rows_in_file, self.paths = None, None, 0, []
+        self.on_file_done(next_record, stats)
+
+    def finish(self, next_record: int, write_remainder: bool) -> None:
+        self._flush()
+        if self.rows_in_file and write_remainder:
+            self._close_file(next_record)
+        elif self.h5 is not None:
+            tmp = Path(self.h5.filename)
+            self.h5.close()
+            tmp.unlink()
+
+
+def _zero_stats() -> dict:
+    return {"num_sequences": 0, "num_tokens": 0, "non_pad_tokens": 0, "loss_valid_tokens": 0}
+
+
+def _accumulate_stats(stats: dict, block: np.ndarray, layout: TokenLayout) -> None:
+    ids = block[:, 0]
+    stats["num_sequences"] += len(block)
+    stats["num_tokens"] += ids.size
+    stats["non_pad_tokens"] += int(np.count_nonzero((ids != layout.pad_id) & (ids != layout.eos_id)))
+    stats["loss_valid_tokens"] += int(block[:, 1].sum(dtype=np.int64))
+    top = int(ids.max()) if ids.size else 0
+    if top >= layout.vocab_size or int(block[:, 2].max()) >= layout.vocab_size:
+        raise RuntimeError(f"token id {top} >= vocab size {layout.vocab_size}: check processing.pad_id/eos_id")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One preprocessing process
+# --------------------------------------------------------------------------------------------------------------
+
+COUNT_KEYS = ("processed_files", "successful_files", "discarded_files", "truncated_samples", "raw_chars_count",
+              "raw_bytes_count", "system_turns_dropped")
+
+
+def _checkpoint_path(out_dir: Path, proc: int) -> Path:
+    return out_dir / f"checkpoint_{proc}.json"
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=4, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _new_state(proc: int, nproc: int) -> dict:
+    return {"proc": proc, "processes": nproc, "next_record": 0, "files_written": 0, "done": False,
+            "counts": {k: 0 for k in COUNT_KEYS}, "reasons": {}, "examples": {}, "stats": _zero_stats()}
+
+
+def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[str], progress=None) -> dict:
+    """Process the records dealt to `proc`; returns the final state (also saved as checkpoint_<proc>.json).
+
+    `progress` is a callable(records_done_delta) or a shared array (multi-process) updated per block."""
+    if nproc > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process
+    cfg = parse_config(cfg_dict, "data_params.json")
+    out_dir = Path(cfg.setup.output_dir)
+    tok = load_tokenizer(cfg.processing.huggingface_tokenizer, cfg.name("processing", "huggingface_tokenizer"))
+    layout = TokenLayout(tok, cfg, phase)
+    parser = RecordParser(cfg, phase)
+    ckpt = _checkpoint_path(out_dir, proc)
+    state = _new_state(proc, nproc)
+    if cfg.processing.resume_from_checkpoint and ckpt.is_file():
+        state = json.loads(ckpt.read_text(encoding="utf-8"))
+        if state.get("processes") != nproc:
+            raise ConfigError(f"{ckpt}: the interrupted run used {state.get('processes')} processes, this run "
+                              f"{nproc}; resume with setup.processes = {state.get('processes')}")
+    _remove_stale_files(out_dir, cfg.processing.output_name, proc, state["files_written"])
+    if state["done"]:
+        return state
+
+    counts, reasons, examples = state["counts"], state["reasons"], state["examples"]
+    base_system_turns = counts["system_turns_dropped"]
+
+    def on_file_done(next_record: int, file_stats: dict) -> None:
+        state["next_record"] = next_record
+        state["files_written"] += 1
+        for k, v in file_stats.items():
+            state["stats"][k] += v
+        counts["system_turns_dropped"] = parser.system_turns + base_system_turns
+        _write_json_atomic(ckpt, state)
+
+    writer = H5FileWriter(out_dir, cfg.processing.output_name, proc, layout, cfg.processing.files_per_record,
+                          state["files_written"], on_file_done)
+    # A completed file's checkpoint must hold the counts of exactly the records before it, so counts are
+    # updated record by record in order, right before the record's row is handed to the writer.
+
+    def skip(reason: str, rec_id: str) -> None:
+        counts["discarded_files"] += 1
+        reasons[reason] = reasons.get(reason, 0) + 1
+        ex = examples.setdefault(reason, [])
+        if len(ex) < 3:
+            ex.append(rec_id)
+
+    last_index = state["next_record"] - 1
+    block: list[tuple[int, Path, int, Any]] = []
+    source = iter_assigned_records([Path(f) for f in files], proc, nproc, state["next_record"])
+    while True:
+        block.clear()
+        for item in source:
+            block.append(item)
+            if len(block) == RECORDS_PER_BLOCK:
+                break
+        if not block:
+            break
+        parsed = [parser.parse(raw) for _, _, _, raw in block]
+        texts: list[str] = []
+        for reason, doc in parsed:
+            if reason is None:
+                for user, answer in doc[1]:
+                    if phase == 2:
+                        texts.append(user)
+                    texts.append(answer)
+        tokens = iter(layout.encode(texts))
+        for (g, path, line_no, raw), (reason, doc) in zip(block, parsed):
+            counts["processed_files"] += 1
+            last_index = g
+            if reason is not None:
+                skip(reason, _record_id(raw, path, line_no))
+                continue
+            image, pairs = doc
+            turns = [((next(tokens) if phase == 2 else []), next(tokens)) for _ in pairs]
+            for user, answer in pairs:  # phase 1 leaves user empty: its prompt is not used
+                counts["raw_chars_count"] += len(user) + len(answer)
+                counts["raw_bytes_count"] += len(user.encode("utf-8")) + len(answer.encode("utf-8"))
+            segs = layout.build_turns(turns, image is not None)
+            keep = layout.fit(segs)
+            if keep == 0:
+                skip("too_long", _record_id(raw, path, line_no))
+                continue
+            if keep < len(segs):
+                counts["truncated_samples"] += 1
+            ids = [t for s in segs[:keep] for t in s[0]]
+            tgt = [t for s in segs[:keep] for t in s[1]]
+            row = writer.new_row(image)
+            layout.write_row(row, ids, tgt)
+            counts["successful_files"] += 1
+            writer.row_done(g)
+        if progress is not None:
+            progress(len(block))
+    counts["system_turns_dropped"] = parser.system_turns + base_system_turns
+    writer.finish(last_index + 1, cfg.processing.write_remainder)
+    state["next_record"] = last_index + 1
+    state["done"] = True
+    _write_json_atomic(ckpt, state)
+    return state
+
+
+def _record_id(raw: Any, path: Path, line_no: int) -> str:
+    rec_id = None
+    if isinstance(raw, dict):
+        rec_id = raw.get("id")
+    elif isinstance(raw, (bytes, str)):
+        m = re.search(rb'"id"\s*:\s*"?([^",}]*)' if isinstance(raw, bytes) else r'"id"\s*:\s*"?([^",}]*)', raw)
+        if m:
+            rec_id = m.group(1).decode("utf-8", "replace") if isinstance(raw, bytes) else m.group(1)
+    where = f"{path.name}:{line_no}"
+    return f"{rec_id} ({where})" if rec_id not in (None, "") else where
+
+
+def _remove_stale_files(out_dir: Path, name: str, proc: int, files_written: int) -> None:
+    """Delete this process's temporary files and any file numbered at or after the resume point."""
+    pat = re.compile(rf"^{re.escape(name)}_(\d+)_{proc}\.h5(\.tmp)?$")
+    for p in out_dir.iterdir():
+        m = pat.match(p.name)
+        if m and (m.group(2) or int(m.group(1)) >= files_written):
+            p.unlink()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole preprocessing run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _prepare_output_dir(cfg: PreprocConfig, overwrite: bool) -> Path:
+    if not cfg.setup.output_dir:
+        raise ConfigError(f"{cfg.source}: set setup.output_dir or pass --output_dir")
+    out = Path(cfg.setup.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{cfg.name('setup', 'output_dir')}: {str(out)!r} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob("*.h5"))
+    if existing and not cfg.processing.resume_from_checkpoint:
+        if not overwrite:
+            raise ConfigError(f"{cfg.name('setup', 'output_dir')}: {str(out)!r} already holds {len(existing)} "
+                              f"H5 file(s) (e.g. {existing[0].name}); pass --overwrite to replace them or "
+                              f"--resume_from_checkpoint True to continue an interrupted run")
+    if not cfg.processing.resume_from_checkpoint:
+        for p in out.iterdir():  # only files this tool writes
+            if p.is_file() and (p.suffix == ".h5" or p.name.endswith(".h5.tmp")
+                                or re.fullmatch(r"checkpoint_\d+\.json(\.tmp)?", p.name)
+                                or p.name == "data_params.json"):
+                p.unlink()
+    return out
+
+
+def _check_resume(out: Path, params: dict) -> dict | None:
+    """The previous run's data_params.json (None if absent), after checking it used the same settings."""
+    prev_path = out / "data_params.json"
+    if not prev_path.is_file():
+        return None
+    prev = json.loads(prev_path.read_text(encoding="utf-8"))
+    ignore = {("processing", "resume_from_checkpoint"), ("processing", "display_pbar")}
+    for sec in SECTIONS:
+        for key, value in params[sec].items():
+            if (sec, key) in ignore:
+                continue
+            if prev.get(sec, {}).get(key) != value:
+                raise ConfigError(f"{prev_path}: the interrupted run used {sec}.{key} = "
+                                  f"{prev.get(sec, {}).get(key)!r}, this run {value!r}; resume with the same "
+                                  f"settings or start again with --overwrite")
+    return prev
+
+
+def preprocess(mode: str, cfg: PreprocConfig, overwrite: bool = False, progress: bool | None = None) -> dict:
+    """Run LlavaPhaseOne / LlavaPhaseTwo. Returns the final data_params dict (also written to output_dir)."""
+    phase = 1 if mode == "LlavaPhaseOne" else 2
+    if cfg.dataset.image_dir is None or not Path(cfg.dataset.image_dir).is_dir():
+        raise ConfigError(f"{cfg.name('dataset', 'image_dir')}: image folder {cfg.dataset.image_dir!r} not found "
+                          f"(every record's image path is checked against it)")
+    files = find_input_files(cfg)
+    tok = load_tokenizer(cfg.processing.huggingface_tokenizer, cfg.name("processing", "huggingface_tokenizer"))
+    layout = TokenLayout(tok, cfg, phase)
+    nproc = cfg.setup.processes or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                    else os.cpu_count() or 1)
+    out = _prepare_output_dir(cfg, overwrite)
+    params = cfg.to_dict()
+    params["setup"]["processes"] = nproc
+    if cfg.processing.resume_from_checkpoint:
+        prev = _check_resume(out, params)
+        if prev is not None and "post-process" in prev:
+            print(f"{out}: the run is already complete ({prev['post-process']['n_examples']} samples); nothing "
+                  f"to resume")
+            return prev
+    _write_json_atomic(out / "data_params.json", params)
+    show = cfg.processing.display_pbar if progress is None else progress
+    cfg_dict = cfg.to_dict()
+    cfg_dict["setup"]["processes"] = nproc
+    file_strs = [str(f) for f in files]
+    t0 = time.perf_counter()
+    states = _run_workers(nproc, cfg_dict, phase, file_strs, show, count_records(files) if show else None)
+    elapsed = time.perf_counter() - t0
+    result = _summarise(params, states, layout, tok, phase)
+    _verify_outputs(out, layout.msl, result)
+    _write_json_atomic(out / "data_params.json", result)
+    for p in range(nproc):
+        _checkpoint_path(out, p).unlink(missing_ok=True)
+    _print_summary(result, elapsed, out)
+    return result
+
+
+def _run_workers(nproc: int, cfg_dict: dict, phase: int, files: list[str], show: bool, total: int | None
+                 ) -> list[dict]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="rec", disable=not show, desc="records", smoothing=0.1, dynamic_ncols=True)
+    try:
+        if nproc == 1:
+            return [run_worker(0, 1, cfg_dict, phase, files, progress=bar.update)]
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        done = ctx.Array("q", nproc, lock=False)
+        procs = [ctx.Process(target=_worker_entry, args=(p, nproc, cfg_dict, phase, files, done), daemon=True)
+                 for p in range(nproc)]
+        for pr in procs:
+            pr.start()
+        try:
+            shown = 0
+            while any(pr.is_alive() for pr in procs):
+                time.sleep(0.2)
+                now = sum(done)
+                bar.update(now - shown)
+                shown = now
+                if any(pr.exitcode not in (None, 0) for pr in procs):
+                    break
+            bar.update(sum(done) - shown)
+        finally:
+            for pr in procs:
+                if pr.is_alive() and any(q.exitcode not in (None, 0) for q in procs):
+                    pr.terminate()
+                pr.join()
+        failed = [i for i, pr in enumerate(procs) if pr.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"preprocessing process(es) {failed} failed (see the error above); fix it and "
+                               f"rerun with --resume_from_checkpoint True to keep the finished files")
+        out = Path(cfg_dict["setup"]["output_dir"])
+        return [json.loads(_checkpoint_path(out, p).read_text(encoding="utf-8")) for p in range(nproc)]
+    finally:
+        bar.close()
+
+
+def _worker_entry(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[str], done) -> None:
+    def progress(n: int) -> None:
+        done[proc] += n
+
+    try:
+        run_worker(proc, nproc, cfg_dict, phase, files, progress=progress)
+    except ConfigError as e:
+        print(f"error (process {proc}): {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _summarise(params: dict, states: list[dict], layout: TokenLayout, tok, phase: int) -> dict:
+    counts = {k: sum(s["counts"][k] for s in states) for k in COUNT_KEYS}
+    reasons: dict[str, int] = {}
+    examples: dict[str, list] = {}
+    for s in states:
+        for r, n in s["reasons"].items():
+            reasons[r] = reasons.get(r, 0) + n
+            examples.setdefault(r, []).extend(s["examples"].get(r, []))
+    stats = {k: sum(s["stats"][k] for s in states) for k in _zero_stats()}
+    result = dict(params)
+    result["post-process"] = {
+        **counts, "n_examples": stats["num_sequences"], "eos_id": layout.eos_id, "pad_id": layout.pad_id,
+        "vocab_size": layout.vocab_size,
+        "discarded_by_reason": dict(sorted(reasons.items())),
+        "discarded_examples": {r: examples[r][:3] for r in sorted(examples)},
+    }
+    result["h5_dataset_stats"] = stats
+    result["image_patch_info"] = {"image_patch_start_idx": layout.image_start_idx,
+                                  "num_patches": layout.np_slots,
+                                  "text_only_mask_start": layout.text_only_mask_start}
+    return result
+
+
+def _verify_outputs(out: Path, msl: int, result: dict) -> None:
+    """Re-open every H5 file (metadata only) and check the layout; values were checked before writing."""
+    import h5py
+
+    total = 0
+    for path in sorted(out.glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            d, p = f["data"], f["img_path"]
+            n = int(f.attrs["n_examples"])
+            if d.dtype != np.int32 or d.shape[1:] != (4, msl) or d.shape[0] != n or p.shape != (n, 1):
+                raise RuntimeError(f"{path}: unexpected layout data {d.shape} {d.dtype}, img_path {p.shape}, "
+                                   f"n_examples {n}")
+            total += n
+    if total != result["post-process"]["n_examples"]:
+        raise RuntimeError(f"{out}: H5 files hold {total} samples but {result['post-process']['n_examples']} "
+                           f"were written; is another run writing to the same folder?")
+
+
+def _print_summary(result: dict, elapsed: float, out: Path) -> None:
+    pp = result["post-process"]
+    rate = pp["processed_files"] / elapsed if elapsed > 0 else float("inf")
+    print(f"{pp['successful_files']} samples written to {out} from {pp['processed_files']} records "
+          f"({rate:.0f} records/s); {pp['discarded_files']} skipped, {pp['truncated_samples']} truncated at a "
+          f"turn boundary; image_patch_start_idx = {result['image_patch_info']['image_patch_start_idx']}")
+    for reason, n in pp["discarded_by_reason"].items():
+        ex = ", ".join(str(e) for e in pp["discarded_examples"].get(reason, []))
+        print(f"  skipped {n:>8} {reason}: {SKIP_REASONS.get(reason, '')} (e.g. {ex})")
+    if pp["system_turns_dropped"]:
+        print(f"  note: {pp['system_turns_dropped']} leading system turn(s) dropped: the style's system prompt "
+              f"is used so that the image position stays fixed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shuffle (spec 2.10, deterministic, waits for its workers)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _list_h5(root: Path) -> list[Path]:
+    return sorted((p for p in root.rglob("*.h5") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _shuffle_split(args: tuple) -> None:
+    """Phase A: deal the rows of input file `fi` to random chunks; one piece file per (chunk, file)."""
+    import h5py
+
+    fi, path, tmp_dir, num_chunks, seed = args
+    with h5py.File(path, "r") as f:
+        data = f["data"][:]
+        paths = f["img_path"][:] if "img_path" in f else None
+    rng = np.random.default_rng([seed, 0, fi])
+    chunk_of = rng.integers(0, num_chunks, size=len(data))
+    for c in np.unique(chunk_of):
+        sel = np.flatnonzero(chunk_of == c)
+        piece = tmp_dir / f"{c:05d}" / f"{fi:06d}.h5"
+        with h5py.File(piece.with_suffix(".tmp"), "w") as g:
+            g.create_dataset("data", data=data[sel])
+            if paths is not None:
+                g.create_dataset("img_path", data=paths[sel])
+        os.replace(piece.with_suffix(".tmp"), piece)
+
+
+def _shuffle_merge(args: tuple) -> int:
+    """Phase B: concatenate a chunk's pieces in input order, permute rows jointly, write data-<chunk>.h5."""
+    import h5py
+
+    c, tmp_dir, out_dir, seed = args
+    pieces = sorted((tmp_dir / f"{c:05d}").glob("*.h5"))
+    if not pieces:
+        return 0
+    datas, paths = [], []
+    for p in pieces:
+        with h5py.File(p, "r") as f:
+            datas.append(f["data"][:])
+            paths.append(f["img_path"][:] if "img_path" in f else None)
+    data = np.concatenate(datas)
+    perm = np.random.default_rng([seed, 1, c]).permutation(len(data))
+    data = data[perm]
+    final = out_dir / f"data-{c:05d}.h5"
+    tmp = final.with_suffix(".h5.tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["n_examples"] = len(data)
+        f.create_dataset("data", data=data, chunks=(1,) + data.shape[1:], compression="gzip")
+        if paths[0] is not None:
+            width = max(p.dtype.itemsize for p in paths)
+            img = np.concatenate([p.astype(f"S{width}") for p in paths])[perm]
+            f.create_dataset("img_path", data=img, compression="gzip")
+    os.replace(tmp, final)
+    return len(data)
+
+
+def shuffle(input_dir: str | os.PathLike, output_dir: str | os.PathLike, num_chunks: int, num_workers: int = 1,
+            seed: int = 0, overwrite: bool = False, progress: bool = True) -> int:
+    """Shuffle all samples of input_dir/**.h5 into output_dir/data-<chunk>.h5; returns the number of samples.
+
+    Each input file's rows are dealt to random chunks (rng seeded by (seed, file index)), then each chunk's rows
+    are permuted together (rng seeded by (seed, chunk)): the result depends only on the seed and the inputs."""
+    import h5py
+    from tqdm import tqdm
+
+    src, dst = Path(input_dir), Path(output_dir)
+    if num_chunks < 1 or num_workers < 1:
+        raise ConfigError(f"--num_chunks and --num_workers must be >= 1, found {num_chunks}, {num_workers}")
+    if not src.is_dir():
+        raise ConfigError(f"shuffle: input folder {str(src)!r} not found")
+    files = _list_h5(src)
+    if not files:
+        raise ConfigError(f"shuffle: no .h5 files under {str(src)!r}")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ConfigError(f"shuffle: output folder {str(dst)!r} must not be the input folder or inside it")
+    dst.mkdir(parents=True, exist_ok=True)
+    old = list(dst.glob("*.h5"))
+    if old and not overwrite:
+        raise ConfigError(f"shuffle: {str(dst)!r} already holds {len(old)} H5 file(s); pass --overwrite")
+    for p in old:
+        p.unlink()
+    shapes, with_paths = set(), set()
+    for p in files:
+        with h5py.File(p, "r") as f:
+            if "data" not in f:
+                raise ConfigError(f"shuffle: {p} has no 'data' dataset")
+            shapes.add(f["data"].shape[1:])
+            with_paths.add("img_path" in f)
+    if len(shapes) > 1 or len(with_paths) > 1:
+        raise ConfigError(f"shuffle: input files differ in row shape {sorted(shapes)} or in having img_path; "
+                          f"shuffle only files of one dataset")
+    tmp_dir = dst / "shuf_tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    for c in range(num_chunks):
+        (tmp_dir / f"{c:05d}").mkdir(parents=True)
+    split_jobs = [(i, str(p), tmp_dir, num_chunks, seed) for i, p in enumerate(files)]
+    merge_jobs = [(c, tmp_dir, dst, seed) for c in range(num_chunks)]
+    total = 0
+    if num_workers == 1:
+        for job in tqdm(split_jobs, desc="split", disable=not progress):
+            _shuffle_split(job)
+        for job in tqdm(merge_jobs, desc="merge", disable=not progress):
+            total += _shuffle_merge(job)
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context().Pool(num_workers) as pool:
+            for _ in tqdm(pool.imap_unordered(_shuffle_split, split_jobs), total=len(split_jobs), desc="split",
+                          disable=not progress):
+                pass
+            for n in tqdm(pool.imap_unordered(_shuffle_merge, merge_jobs), total=len(merge_jobs), desc="merge",
+                          disable=not progress):
+                total += n
+    shutil.rmtree(tmp_dir)
+    params_src = src / "data_params.json"
+    if params_src.is_file():
+        params = json.loads(params_src.read_text(encoding="utf-8"))
+        params["shuffle"] = {"source": str(src), "num_chunks": num_chunks, "seed": seed, "n_examples": total}
+        _write_json_atomic(dst / "data_params.json", params)
+    print(f"shuffled {total} samples from {len(files)} file(s) into {num_chunks} chunk file(s) in {dst}")
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reader: image transforms (spec 3.3) with Pillow + numpy
+# --------------------------------------------------------------------------------------------------------------
+
+INTERPOLATIONS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def _size_hw(size: Any) -> tuple[int, int] | int:
+    if isinstance(size, int):
+        return size
+    if isinstance(size, (list, tuple)) and len(size) in (1, 2):
+        return (int(size[0]), int(size[-1])) if len(size) == 2 else int(size[0])
+    raise ValueError(f"transform size must be an int or [h, w], found {size!r}")
+
+
+def _t_expand_to_square(background_color=(0, 0, 0)):
+    color = tuple(int(c) for c in background_color)
+
+    def fn(img):
+        from PIL import Image
+
+        w, h = img.size
+        if w == h:
+            return img
+        side = max(w, h)
+        canvas = Image.new(img.mode, (side, side), color)
+        canvas.paste(img, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+        return canvas
+    return fn
+
+
+def _t_resize(size, interpolation="bilinear", max_size=None, antialias=None):
+    size = _size_hw(size)
+    if str(interpolation).lower() not in INTERPOLATIONS:
+        raise ValueError(f"resize interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+    resample = INTERPOLATIONS[str(interpolation).lower()]
+
+    def fn(img):
+        w, h = img.size
+        if isinstance(size, tuple):
+            new_h, new_w = size
+        else:  # shorter side -> size, the other side scaled and truncated (torchvision / CLIPImageProcessor)
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = size, int(size * long / short)
+            if max_size is not None and new_long > max_size:
+                new_short, new_long = int(max_size * new_short / new_long), max_size
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) == (w, h):
+            return img
+        return img.resize((new_w, new_h), resample=resample)
+    return fn
+
+
+def _t_center_crop(size):
+    size = _size_hw(size)
+    th, tw = size if isinstance(size, tuple) else (size, size)
+
+    def fn(img):
+        from PIL import Image
+
+        w, h = img.size
+        if (w, h) == (tw, th):
+            return img
+        if w < tw or h < th:  # pad with zeros like torchvision, then crop
+            canvas = Image.new(img.mode, (max(w, tw), max(h, th)))
+            canvas.paste(img, ((max(w, tw) - w) // 2, (max(h, th) - h) // 2))
+            img, (w, h) = canvas, canvas.size
+        # floor offsets, as CLIPImageProcessor (torchvision rounds half to even, 1 px apart when (w-tw)%4 == 3)
+        left, top = (w - tw) // 2, (h - th) // 2
+        return img.crop((left, top, left + tw, top + th))
+    return fn
+
+
+def _t_to_tensor():
+    def fn(img):
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        return np.ascontiguousarray(arr.transpose(2, 0, 1)) * np.float32(1.0 / 255.0)
+    return fn
+
+
+def _t_normalize(mean, std):
+    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+
+    def fn(x):
+        if not isinstance(x, np.ndarray):
+            raise ValueError("normalize must come after to_tensor in the transforms list")
+        x -= m
+        x /= s
+        return x
+    return fn
+
+
+# yaml transform name -> factory(**kwargs). Image -> image steps first, then to_tensor, then array steps.
+TRANSFORMS: dict[str, Callable[..., Callable]] = {
+    "expand_to_square": _t_expand_to_square,
+    "resize": _t_resize,
+    "center_crop": _t_center_crop,
+    "to_tensor": _t_to_tensor,
+    "normalize": _t_normalize,
+}
+
+
+def build_transforms(specs: list[dict] | None) -> Callable[[Any], np.ndarray]:
+    """yaml `transforms` list ([{name: resize, size: 336, ...}, ...]) -> callable(PIL image) -> float32 CHW array.
+
+    A to_tensor step is appended when the list has none."""
+    steps = []
+    seen_tensor = False
+    for i, spec in enumerate(specs or []):
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError(f"transforms[{i}] must be a mapping with a 'name', found {spec!r}")
+        kwargs = {k: v for k, v in spec.items() if k != "name"}
+        name = spec["name"]
+        if name not in TRANSFORMS:
+            raise ValueError(f"transforms[{i}]: unknown transform {name!r}; supported: {', '.join(TRANSFORMS)}")
+        try:
+            steps.append(TRANSFORMS[name](**kwargs))
+        except TypeError as e:
+            raise ValueError(f"transforms[{i}] ({name}): bad arguments {kwargs}: {e}") from e
+        seen_tensor = seen_tensor or name == "to_tensor"
+    if not seen_tensor:
+        steps.append(_t_to_tensor())
+
+    def apply(img) -> np.ndarray:
+        x = img
+        for step in steps:
+            x = step(x)
+        return x
+    return apply
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reader: H5 dataset and sampler (torch classes built on first use so that --help stays instant)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _h5_files(data_dir: str | os.PathLike) -> list[Path]:
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"data_dir {str(d)!r} not found")
+    files = sorted(p for p in d.glob("*.h5") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"data_dir {str(d)!r} holds no .h5 files")
+    return files
+
+
+def _make_reader_classes():
+    import torch
+
+    class LlavaH5Dataset(torch.utils.data.Dataset):
+        """Map-style dataset over the H5 files of one or more directories (ours or Cerebras').
+
+        Sample i -> {image_data [3,H,W] dtype, text_input_ids, loss_mask, labels, key_padding_mask int32 [MSL]}.
+        H5 files are opened lazily in the process that reads them (never shared across a fork) and kept open."""
+
+        def __init__(self, data_dir: str | list[str], img_data_dir: str | None, transforms: list[dict] | None,
+                     image_data_size: tuple[int, int, int] = (3, 336, 336), dtype: torch.dtype = torch.float32,
+                     on_bad_image: str = "error"):
+            import h5py
+
+            if on_bad_image not in ("error", "text_only"):
+                raise ValueError(f"on_bad_image must be 'error' or 'text_only', found {on_bad_image!r}")
+            dirs = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
+            if not dirs:
+                raise ValueError("data_dir is empty")
+            self.files: list[str] = []
+            sizes, msl = [], None
+            for d in dirs:
+                for path in _h5_files(d):
+                    with h5py.File(path, "r") as f:
+                        if "data" not in f or "img_path" not in f:
+                            raise ValueError(f"{path}: expected 'data' and 'img_path' datasets (multimodal H5), "
+                                             f"found {list(f.keys())}")
+                        shape = f["data"].shape
+                        if len(shape) != 3 or shape[1] != 4:
+                            raise ValueError(f"{path}: data has shape {shape}; expected [n, 4, MSL] (input_ids, "
+                                             f"loss_mask, labels, key_padding_mask)")
+                        if msl is not None and shape[2] != msl:
+                            raise ValueError(f"{path}: MSL {shape[2]} differs from {msl} of {self.files[0]}")
+                        msl = shape[2]
+                    self.files.append(str(path))
+                    sizes.append(shape[0])
+            self.max_sequence_length = int(msl)
+            self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            self.img_data_dir = img_data_dir
+            self.image_data_size = tuple(int(x) for x in image_data_size)
+            self.dtype = dtype
+            self.on_bad_image = on_bad_image
+            self.transform = build_transforms(transforms)
+            self.bad_image_count = 0
+            params_path = Path(dirs[0]) / "data_params.json"
+            self.data_params = json.loads(params_path.read_text(encoding="utf-8")) if params_path.is_file() \
+                else None
+            info = (self.data_params or {}).get("image_patch_info", {})
+            num_patches = (self.data_params or {}).get("dataset", {}).get("num_patches")
+            self._image_start = info.get("image_patch_start_idx")
+            self._num_patches = info.get("num_patches", num_patches)
+            self._mask_start = info.get("text_only_mask_start")
+            self._handles: dict[int, Any] = {}
+            self._pid = None
+
+        def __len__(self) -> int:
+            return int(self._starts[-1])
+
+        def __getstate__(self):
+            state = self.__dict__.copy()
+            state["_handles"], state["_pid"] = {}, None  # h5py handles never cross processes
+            return state
+
+        def _file(self, k: int) -> tuple:
+            """(h5 file, data dataset, img_path array) of file k, opened once per process."""
+            if self._pid != os.getpid():  # first use in this process (e.g. a forked DataLoader worker)
+                self._handles, self._pid = {}, os.getpid()
+            entry = self._handles.get(k)
+            if entry is None:
+                import h5py
+
+                f = h5py.File(self.files[k], "r")
+                entry = self._handles[k] = (f, f["data"], f["img_path"][:, 0])  # paths are small: keep them
+            return entry
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            n = len(self)
+            if i < 0:
+                i += n
+            if not 0 <= i < n:
+                raise IndexError(f"sample {i} out of range for {n} samples")
+            k = int(np.searchsorted(self._starts, i, side="right")) - 1
+            j = i - int(self._starts[k])
+            _, data, paths = self._file(k)
+            row = np.asarray(data[j], dtype=np.int32)
+            rel = paths[j]
+            rel = rel.decode("utf-8") if isinstance(rel, bytes) else str(rel)
+            if rel == "None":
+                image = torch.zeros(self.image_data_size, dtype=self.dtype)
+            else:
+                image = self._load_image(rel, k, j, row)
+            return {
+                "image_data": image,
+                "text_input_ids": torch.from_numpy(row[0]),
+                "loss_mask": torch.from_numpy(row[1]),
+                "labels": torch.from_numpy(row[2]),
+                "key_padding_mask": torch.from_numpy(row[3]),
+            }
+
+        def _load_image(self, rel: str, k: int, j: int, row: np.ndarray) -> torch.Tensor:
+            from PIL import Image
+
+            where = f"sample {j} of {self.files[k]}"
+            if self.img_data_dir is None:
+                raise ValueError(f"{where} has image {rel!r} but the reader's img_data_dir is not set")
+            path = os.path.join(self.img_data_dir, rel)
+            try:
+                if not safe_relative_path(rel):
+                    raise ValueError("the path is absolute or escapes img_data_dir with ../")
+                with Image.open(path) as im:
+                    img = im.convert("RGB")
+            except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ... on bad files
+                if self.on_bad_image == "error":
+                    raise ImageReadError(f"image {path!r} ({where}) cannot be read: {type(e).__name__}: {e}. "
+                                         f"Fix or remove the file, or set the reader's on_bad_image to "
+                                         f"'text_only' to train such samples without their image") from e
+                self.bad_image_count += 1
+                if self.bad_image_count == 1:
+                    print(f"warning: image {path!r} ({where}) cannot be read ({type(e).__name__}: {e}); "
+                          f"training it as text-only (further bad images in this process are only counted)",
+                          file=sys.stderr)
+                self._mask_as_text_only(row)
+                return torch.zeros(self.image_data_size, dtype=self.dtype)
+            arr = self.transform(img)
+            if tuple(arr.shape) != self.image_data_size:
+                raise ValueError(f"the transforms turn {path!r} into shape {tuple(arr.shape)} but image_data_size "
+                                 f"is {self.image_data_size}; make the resize/center_crop sizes match")
+            return torch.from_numpy(arr).to(self.dtype)
+
+        def _mask_as_text_only(self, row: np.ndarray) -> None:
+            """Make an image row look like a text-only row: image slots (and phase 2's '▁') not attended."""
+            start, npatch, mstart = self._image_start, self._num_patches, self._mask_start
+            if start is None or npatch is None:  # no data_params: the slots are the first run of pad ids
+                start, npatch = _find_pad_run(row[0], row[2], npatch)
+            if mstart is None:
+                mstart = start - 1 if start > 1 else start  # phase 2 also masks the '▁' before the image
+            row[3, mstart:start + npatch] = 1
+            row[1, start:start + npatch] = 0
+
+    class ResumableSampler(torch.utils.data.Sampler):
+        """Deterministic order: epoch e uses a permutation seeded by (seed, e) when shuffle else 0..n-1; the
+        global order is split across ranks (rank r takes every world_size-th sample of the global order after
+        dropping the remainder so all ranks get equal counts); infinite over epochs when num_epochs is None.
+        start_sample = number of GLOBAL samples already consumed (resume point), so resuming at k continues
+        exactly where an uninterrupted run would be.
+
+        The epoch permutation is torch.randperm with a generator seeded seed + e (Cerebras' BaseSampler)."""
+
+        def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                     world_size: int = 1, start_sample: int = 0, num_epochs: int | None = None):
+            if world_size < 1 or not 0 <= rank < world_size:
+                raise ValueError(f"rank {rank} / world_size {world_size} invalid")
+            self.per_epoch = num_samples - num_samples % world_size
+            if self.per_epoch <= 0:
+                raise ValueError(f"{num_samples} samples cannot be split across {world_size} ranks")
+            if start_sample < 0:
+                raise ValueError(f"start_sample must be >= 0, found {start_sample}")
+            self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+            self.rank, self.world_size = rank, world_size
+            self.start_sample, self.num_epochs = start_sample, num_epochs
+
+        def epoch_order(self, epoch: int) -> torch.Tensor:
+            """Global order of epoch `epoch` (after dropping the remainder)."""
+            if self.shuffle:
+                g = torch.Generator()
+                g.manual_seed(self.seed + epoch)
+                return torch.randperm(self.num_samples, generator=g)[:self.per_epoch]
+            return torch.arange(self.per_epoch)
+
+        def __iter__(self):
+            epoch, offset = divmod(self.start_sample, self.per_epoch)
+            while self.num_epochs is None or epoch < self.num_epochs:
+                order = self.epoch_order(epoch)
+                first = offset + (self.rank - offset) % self.world_size  # first global position of this rank
+                yield from order[first::self.world_size].tolist()
+                epoch, offset = epoch + 1, 0
+
+        def __len__(self) -> int:
+            if self.num_epochs is None:
+                raise TypeError("an infinite ResumableSampler (num_epochs=None) has no length")
+            # global positions p in [start_sample, num_epochs * per_epoch) with p % world_size == rank
+            end = self.num_epochs * self.per_epoch
+            first = self.start_sample + (self.rank - self.start_sample) % self.world_size
+            return max(0, (end - first + self.world_size - 1) // self.world_size)
+
+    for cls in (LlavaH5Dataset, ResumableSampler):  # picklable by name (spawned DataLoader workers)
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return LlavaH5Dataset, ResumableSampler
+
+
+class ImageReadError(RuntimeError):
+    """An image named in an H5 file cannot be read at training time."""
+
+
+def _find_pad_run(input_ids: np.ndarray, labels: np.ndarray, npatch: int | None) -> tuple[int, int]:
+    """Start and length of the image slots: the first run of the pad id (= labels' trailing padding value)."""
+    pad = int(labels[-1])
+    is_pad = np.concatenate([[False], input_ids == pad, [False]])
+    edges = np.flatnonzero(is_pad[1:] != is_pad[:-1])
+    runs = list(zip(edges[::2], edges[1::2]))
+    for a, b in runs:
+        if npatch is None or b - a >= npatch:
+            return int(a), int(npatch if npatch is not None else b - a)
+    raise ValueError("cannot locate the image slots in this row (no data_params.json image_patch_info)")
+
+
+_READER_CLASSES = None
+
+
+def __getattr__(name: str):  # module attribute hook: builds the torch-based classes on first access
+    global _READER_CLASSES
+    if name in ("LlavaH5Dataset", "ResumableSampler"):
+        if _READER_CLASSES is None:
+            _READER_CLASSES = _make_reader_classes()
+            globals()["LlavaH5Dataset"], globals()["ResumableSampler"] = _READER_CLASSES
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _bool_arg(s: str) -> bool:
+    if s.lower() in ("true", "1", "yes"):
+        return True
+    if s.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, found {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    for mode in PROCESSORS:
+        p = sub.add_parser(mode, help=f"tokenize LLaVA jsonl into phase-{1 if mode.endswith('One') else 2} H5")
+        p.add_argument("--params", required=True, help="preprocessing yaml (configs/llava_phase_*_preproc.yaml)")
+        g = p.add_argument_group("overrides (win over the yaml only when given)")
+        g.add_argument("--input_dir")
+        g.add_argument("--metadata_files")
+        g.add_argument("--output_dir")
+        g.add_argument("--processes", type=int, help="0 = all cores")
+        g.add_argument("--huggingface_tokenizer", help="local tokenizer folder")
+        g.add_argument("--eos_id", type=int)
+        g.add_argument("--pad_id", type=int)
+        g.add_argument("--max_seq_length", "--max_sequence_length", dest="max_seq_length", type=int)
+        g.add_argument("--output_name")
+        g.add_argument("--files_per_record", type=int)
+        g.add_argument("--write_remainder", type=_bool_arg)
+        g.add_argument("--resume_from_checkpoint", type=_bool_arg)
+        g.add_argument("--use_ftfy", type=_bool_arg)
+        g.add_argument("--image_dir")
+        g.add_argument("--num_patches", type=int)
+        g.add_argument("--system_prompt_style", choices=list(PROMPT_STYLES))
+        g.add_argument("--prompt_prefix")
+        g.add_argument("--completion_prefix")
+        p.add_argument("--overwrite", action="store_true", help="replace the H5 files already in output_dir")
+        p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    s = sub.add_parser("shuffle", help="shuffle samples (with their img_path) across H5 files")
+    s.add_argument("input_dir")
+    s.add_argument("output_dir")
+    s.add_argument("--num_chunks", type=int, required=True, help="number of output files")
+    s.add_argument("--num_workers", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no_progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.mode == "shuffle":
+            shuffle(args.input_dir, args.output_dir, args.num_chunks, args.num_workers, args.seed,
+                    overwrite=args.overwrite, progress=not args.no_progress)
+            return 0
+        overrides = {k: getattr(args, k) for k in CLI_OVERRIDES}
+        cfg = load_config(args.params, args.mode, overrides)
+        preprocess(args.mode, cfg, overwrite=args.overwrite, progress=False if args.no_progress else None)
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
