@@ -334,9 +334,11 @@ class LlavaModel(nn.Module):
         return self.model(batch["image_data"], batch["text_input_ids"], batch.get("key_padding_mask"),
                           batch.get("image_start_idx"))
 
-    def forward(self, batch: dict, output_logits: bool = False):
+    def forward(self, batch: dict, output_logits: bool = False, loss_normalizer: Optional[float] = None):
         """Loss as Cerebras' GPTLMHeadModelLoss: CE at loss_mask positions, scaled by tokens or batch size.
 
+        loss_normalizer replaces this batch's own denominator (token count, or batch size / loss_weight): the
+        training loop passes the global batch's, so micro-batches and ranks add up to one big batch exactly.
         With output_logits, returns (loss, logits[B, S, V])."""
         self.check_batch(batch)
         loss_mask = batch["loss_mask"]
@@ -355,7 +357,9 @@ class LlavaModel(nn.Module):
             per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                         reduction="none")
             token_loss = (per_token * loss_mask.reshape(-1).to(per_token.dtype)).sum()
-        if self.config.loss_scaling == "num_tokens":
+        if loss_normalizer is not None:
+            loss = token_loss / loss_normalizer
+        elif self.config.loss_scaling == "num_tokens":
             loss = token_loss / loss_mask.sum().clamp(min=1).to(token_loss.dtype)
         else:
             loss = token_loss / loss_mask.shape[0] * self.config.loss_weight
