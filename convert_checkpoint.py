@@ -1,0 +1,1617 @@
+"""Convert LLaVA checkpoints and configs between formats: hf (LLaVA repo layout), llava-hf, cs-2.2.
+
+Formats
+  hf        the LLaVA source-repo layout: DIR/image_model/ (HF CLIP vision tower) + DIR/text_model/ (LLaVA or
+            Vicuna Llama weights with LLaVA's config.json; a plain Vicuna gets a fresh projector).
+  cs-2.2    our (= run.py's = Cerebras ModelZoo's) state-dict names: a torch.save `.mdl` holding {"model": ...}
+            plus the yaml `model:` section. cs-2.3 ... cs-2.9 and cs-current are accepted as the same format.
+  llava-hf  a folder that transformers' LlavaForConditionalGeneration and AutoProcessor load offline.
+
+Commands (Steps 5 and 8 of the documented pipeline, written exactly as Cerebras documents them):
+  python convert_checkpoint.py list
+  python convert_checkpoint.py convert --model llava --src-fmt hf --tgt-fmt cs-2.2 \
+      --config llava_hf_dir --output-dir cs_out llava_hf_dir
+  python convert_checkpoint.py convert --model llava --src-fmt cs-2.2 --tgt-fmt hf \
+      --config cs_out/config_to_cs-2.2.yaml --output-dir hf_out [--hf-shard-size 10GB] [--export-safetensors] \
+      [--tokenizer-dir vicuna_dir] model_dir/checkpoint_5197.mdl
+  python convert_checkpoint.py convert --model llava --src-fmt llava-hf --tgt-fmt cs-2.2 \
+      --config llava-1.5-7b-hf --output-dir cs_out llava-1.5-7b-hf
+  python convert_checkpoint.py convert --model llava --src-fmt cs-2.2 --tgt-fmt llava-hf \
+      --config params.yaml --tokenizer-dir vicuna_dir --output-dir llava_hf_out checkpoint.mdl
+  python convert_checkpoint.py convert-config --model llava --src-fmt hf --tgt-fmt cs-2.2 --output-dir out DIR
+  python convert_checkpoint.py diff left.mdl right.mdl [--tensor_comparison_op allclose]
+
+Guarantees: every source key is mapped or listed in a DROPPED table; unknown keys, missing keys and shape
+mismatches raise with the key names; dtype is kept unless --dtype says otherwise; sharded inputs are read one
+shard at a time; pickles are read with torch.load(weights_only=True) (code in a pickle is refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional
+
+# torch, yaml, transformers and model.py are imported inside the functions that need them, so --help is instant.
+
+
+class ConversionError(Exception):
+    """A user-facing problem: names the file/key, the value found and what to change."""
+
+
+# ==============================================================================================
+# 1. Key tables. `{}` stands for a layer index. HF patterns on the left, CS patterns on the right.
+# ==============================================================================================
+
+# HF CLIPVisionModel (after "vision_model.") -> CS ViTModel (after "image_model."), spec 6.3.
+CLIP_KEYS = {
+    "embeddings.class_embedding": "embedding_layer.cls_embedding",
+    "embeddings.patch_embedding.weight": "embedding_layer.linear_proj.weight",
+    "embeddings.position_embedding.weight": "embedding_layer.position_embeddings.weight",
+    "pre_layrnorm.weight": "embedding_layer.post_embed_ln.weight",
+    "pre_layrnorm.bias": "embedding_layer.post_embed_ln.bias",
+    "encoder.layers.{}.self_attn.q_proj.weight": "encoder.transformer_encoder.layers.{}.self_attn.proj_q_dense_layer.weight",
+    "encoder.layers.{}.self_attn.q_proj.bias": "encoder.transformer_encoder.layers.{}.self_attn.proj_q_dense_layer.bias",
+    "encoder.layers.{}.self_attn.k_proj.weight": "encoder.transformer_encoder.layers.{}.self_attn.proj_k_dense_layer.weight",
+    "encoder.layers.{}.self_attn.k_proj.bias": "encoder.transformer_encoder.layers.{}.self_attn.proj_k_dense_layer.bias",
+    "encoder.layers.{}.self_attn.v_proj.weight": "encoder.transformer_encoder.layers.{}.self_attn.proj_v_dense_layer.weight",
+    "encoder.layers.{}.self_attn.v_proj.bias": "encoder.transformer_encoder.layers.{}.self_attn.proj_v_dense_layer.bias",
+    "encoder.layers.{}.self_attn.out_proj.weight": "encoder.transformer_encoder.layers.{}.self_attn.proj_output_dense_layer.weight",
+    "encoder.layers.{}.self_attn.out_proj.bias": "encoder.transformer_encoder.layers.{}.self_attn.proj_output_dense_layer.bias",
+    "encoder.layers.{}.layer_norm1.weight": "encoder.transformer_encoder.layers.{}.norm1.weight",
+    "encoder.layers.{}.layer_norm1.bias": "encoder.transformer_encoder.layers.{}.norm1.bias",
+    "encoder.layers.{}.layer_norm2.weight": "encoder.transformer_encoder.layers.{}.norm2.weight",
+    "encoder.layers.{}.layer_norm2.bias": "encoder.transformer_encoder.layers.{}.norm2.bias",
+    "encoder.layers.{}.mlp.fc1.weight": "encoder.transformer_encoder.layers.{}.ffn.ffn.0.linear_layer.weight",
+    "encoder.layers.{}.mlp.fc1.bias": "encoder.transformer_encoder.layers.{}.ffn.ffn.0.linear_layer.bias",
+    "encoder.layers.{}.mlp.fc2.weight": "encoder.transformer_encoder.layers.{}.ffn.ffn.1.linear_layer.weight",
+    "encoder.layers.{}.mlp.fc2.bias": "encoder.transformer_encoder.layers.{}.ffn.ffn.1.linear_layer.bias",
+    "post_layernorm.weight": "encoder.transformer_encoder.norm.weight",
+    "post_layernorm.bias": "encoder.transformer_encoder.norm.bias",
+}
+CLIP_HF_PREFIX, CLIP_CS_PREFIX = "vision_model.", "image_model."
+
+# HF LlamaForCausalLM / LLaVA-Llama -> CS text model, spec 6.4. A tuple maps one HF key to several CS keys:
+# Cerebras registers the final norm twice, so both names are written and must agree on the way back.
+LLAMA_KEYS = {
+    "model.embed_tokens.weight": "text_model.embedding_layer.word_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "text_model.transformer_decoder.layers.{}.self_attn.proj_q_dense_layer.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "text_model.transformer_decoder.layers.{}.self_attn.proj_k_dense_layer.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "text_model.transformer_decoder.layers.{}.self_attn.proj_v_dense_layer.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "text_model.transformer_decoder.layers.{}.self_attn.proj_output_dense_layer.weight",
+    "model.layers.{}.input_layernorm.weight": "text_model.transformer_decoder.layers.{}.norm1.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "text_model.transformer_decoder.layers.{}.norm3.weight",
+    "model.layers.{}.mlp.up_proj.weight": "text_model.transformer_decoder.layers.{}.ffn.ffn.0.linear_layer.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "text_model.transformer_decoder.layers.{}.ffn.ffn.0.linear_layer_for_glu.weight",
+    "model.layers.{}.mlp.down_proj.weight": "text_model.transformer_decoder.layers.{}.ffn.ffn.1.linear_layer.weight",
+    "model.norm.weight": ("text_model.transformer_decoder.norm.weight", "text_model.ln_f.weight"),
+    "lm_head.weight": "text_model.lm_head.weight",
+}
+# Keys that may be absent on either side (a tied lm_head is not stored by HF's save_pretrained).
+OPTIONAL_KEYS = {"lm_head.weight"}
+
+# LLaVA's mm_projector is nn.Sequential(Linear, GELU, Linear, ...): HF index = 2 * CS index.
+PROJECTOR_KEYS = {
+    "model.mm_projector.{}.weight": "projector_image_model.ffn.{}.linear_layer.weight",
+    "model.mm_projector.{}.bias": "projector_image_model.ffn.{}.linear_layer.bias",
+}
+PROJECTOR_INDEX_STEP = 2
+
+# Source keys deliberately not converted (regexes over the full HF key), with the reason.
+DROPPED_HF_KEYS = {
+    r"vision_model\.embeddings\.position_ids": "HF buffer (positions 0..N-1), rebuilt by the model",
+    r"text_model\..*": "CLIP text tower of a full CLIPModel (LLaVA uses the vision tower only)",
+    r"logit_scale": "CLIP contrastive temperature (unused by LLaVA)",
+    r"visual_projection\..*": "CLIP contrastive projection (unused by LLaVA)",
+    r"text_projection\..*": "CLIP contrastive projection (unused by LLaVA)",
+    r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq": "RoPE buffer of transformers<4.32, recomputed",
+    r"model\.vision_tower\..*": "vision tower copy saved by LLaVA training; LLaVA reloads it from mm_vision_tower",
+}
+
+# llava-hf names -> hf (LLaVA repo) names: on disk (every transformers version) and in memory (>= 4.52).
+LLAVA_HF_DISK_PREFIXES = {
+    "vision_tower.vision_model.": "vision_model.",
+    "multi_modal_projector.linear_1.": "model.mm_projector.0.",
+    "multi_modal_projector.linear_2.": "model.mm_projector.2.",
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+}
+LLAVA_HF_MEMORY_PREFIXES = {
+    "model.vision_tower.vision_model.": "vision_model.",
+    "model.multi_modal_projector.linear_1.": "model.mm_projector.0.",
+    "model.multi_modal_projector.linear_2.": "model.mm_projector.2.",
+    "model.language_model.": "model.",
+    "lm_head.": "lm_head.",
+}
+LLAVA_HF_PREFIXES = {**LLAVA_HF_DISK_PREFIXES, **LLAVA_HF_MEMORY_PREFIXES}  # no prefix is shared by the two
+
+
+# ==============================================================================================
+# 2. Per-tensor transforms
+# ==============================================================================================
+
+
+def cls_row_last(w):
+    """HF CLIP stores the CLS position row first, Cerebras last: rotate rows up by one."""
+    import torch
+
+    return torch.cat((w[1:], w[:1]))
+
+
+def cls_row_first(w):
+    import torch
+
+    return torch.cat((w[-1:], w[:-1]))
+
+
+def _rope_rows(w, heads: int, key: str, to_interleaved: bool):
+    """Permute q/k projection rows between HF rotate_half and Cerebras' interleaved RoPE (spec 6.4).
+
+    Per head, HF pairs channel j with j + d/2; Cerebras pairs 2j with 2j+1. HF->CS: new row 2j = old row j,
+    new row 2j+1 = old row j + d/2. The same permutation on q and k leaves every q.k product unchanged."""
+    rows = w.shape[0]
+    if heads <= 0 or rows % heads or (rows // heads) % 2:
+        raise ConversionError(f"{key}: {rows} rows cannot be split into {heads} heads of even size; "
+                              "check num_attention_heads / num_key_value_heads in the config")
+    d = rows // heads
+    rest = tuple(w.shape[1:])
+    split = (heads, 2, d // 2) if to_interleaved else (heads, d // 2, 2)
+    return w.reshape(*split, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
+@dataclass(frozen=True)
+class Heads:
+    """What the q/k permutation needs: query heads and key/value heads of the text model."""
+
+    num_heads: int
+    num_kv_heads: int
+
+
+# transform name -> (HF->CS function, CS->HF function); functions take (tensor, heads, key).
+TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
+    "cls_row": (lambda w, h, k: cls_row_last(w), lambda w, h, k: cls_row_first(w)),
+    "rope_q": (lambda w, h, k: _rope_rows(w, h.num_heads, k, True),
+               lambda w, h, k: _rope_rows(w, h.num_heads, k, False)),
+    "rope_k": (lambda w, h, k: _rope_rows(w, h.num_kv_heads, k, True),
+               lambda w, h, k: _rope_rows(w, h.num_kv_heads, k, False)),
+}
+KEY_TRANSFORMS = {  # full HF key pattern -> transform name
+    "vision_model.embeddings.position_embedding.weight": "cls_row",
+    "model.layers.{}.self_attn.q_proj.weight": "rope_q",
+    "model.layers.{}.self_attn.k_proj.weight": "rope_k",
+}
+
+
+# ==============================================================================================
+# 3. The key mapper: compiles the tables, converts one key at a time, checks completeness at the end
+# ==============================================================================================
+
+
+@dataclass(frozen=True)
+class Rule:
+    group: str  # "clip", "llama" or "projector": completeness is checked per group
+    hf: str  # full HF key pattern
+    cs: tuple  # full CS key pattern(s)
+    transform: Optional[str]
+    index_step: int = 1  # HF layer index = CS layer index * index_step
+
+
+def _rules() -> list[Rule]:
+    rules = []
+    for hf, cs in CLIP_KEYS.items():
+        hf_key = CLIP_HF_PREFIX + hf
+        rules.append(Rule("clip", hf_key, (CLIP_CS_PREFIX + cs,), KEY_TRANSFORMS.get(hf_key)))
+    for hf, cs in LLAMA_KEYS.items():
+        rules.append(Rule("llama", hf, cs if isinstance(cs, tuple) else (cs,), KEY_TRANSFORMS.get(hf)))
+    for hf, cs in PROJECTOR_KEYS.items():
+        rules.append(Rule("projector", hf, (cs,), None, PROJECTOR_INDEX_STEP))
+    return rules
+
+
+RULES = _rules()
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\{\}", r"(\d+)") + "$")
+
+
+_HF_INDEX = [(_pattern_regex(r.hf), r) for r in RULES]
+_CS_INDEX = [(_pattern_regex(cs), r) for r in RULES for cs in r.cs]
+_DROPPED = [(re.compile("^" + p + "$"), why) for p, why in DROPPED_HF_KEYS.items()]
+
+
+def dropped_reason(hf_key: str) -> Optional[str]:
+    for regex, why in _DROPPED:
+        if regex.match(hf_key):
+            return why
+    return None
+
+
+def _fill(pattern: str, index: Optional[int]) -> str:
+    return pattern if index is None else pattern.replace("{}", str(index))
+
+
+class KeyMapper:
+    """Converts a state dict key by key (so sharded checkpoints stream), in one direction.
+
+    `convert(key, tensor)` returns [(new_key, new_tensor), ...] ([] for a dropped key) and raises on an unknown
+    key; `finish()` raises on missing keys. Two source keys that map to the same target (the doubly registered
+    final norm) must hold equal tensors; the target is emitted once."""
+
+    def __init__(self, to_cs: bool, heads: Optional[Heads] = None, groups: tuple = ("clip", "llama", "projector"),
+                 rename: Optional[Mapping[str, str]] = None, strict: bool = True):
+        self.to_cs = to_cs
+        self.heads = heads
+        self.groups = groups
+        # source-prefix table applied first (llava-hf names -> hf names), longest prefix first
+        self.rename = None if rename is None else sorted(rename.items(), key=lambda kv: -len(kv[0]))
+        self.strict = strict
+        self.seen: dict[str, dict[tuple, set]] = {g: {} for g in groups}  # group -> rule -> indices
+        self.emitted: dict[str, object] = {}  # target key -> first tensor (for duplicate checks)
+        self.unknown: list[str] = []
+        self.dropped: list[str] = []
+
+    def _lookup(self, key: str):
+        table = _HF_INDEX if self.to_cs else _CS_INDEX
+        for regex, rule in table:
+            m = regex.match(key)
+            if m and rule.group in self.groups:
+                return rule, (int(m.group(1)) if m.groups() else None)
+        return None, None
+
+    def _renamed(self, key: str) -> Optional[str]:
+        if self.rename is None:
+            return key
+        for old, new in self.rename:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return None
+
+    def convert(self, key: str, tensor) -> list:
+        src = self._renamed(key)
+        rule, index = self._lookup(src) if src is not None else (None, None)
+        if rule is None:
+            if self.to_cs and src is not None and dropped_reason(src):
+                self.dropped.append(key)
+                return []
+            self.unknown.append(key)
+            return []
+        if self.to_cs and rule.index_step > 1 and index is not None:
+            if index % rule.index_step:
+                self.unknown.append(key)
+                return []
+            index //= rule.index_step
+        self.seen[rule.group].setdefault((rule.hf, rule.cs), set()).add(index)
+        if rule.transform:
+            fn = TRANSFORMS[rule.transform][0 if self.to_cs else 1]
+            if rule.transform.startswith("rope") and self.heads is None:
+                raise ConversionError(f"{key}: the q/k permutation needs num_heads (and num_kv_heads)")
+            tensor = fn(tensor, self.heads, key)
+        if self.to_cs:
+            targets = [_fill(cs, index) for cs in rule.cs]
+        else:
+            targets = [_fill(rule.hf, None if index is None else index * rule.index_step)]
+        out = []
+        for target in targets:
+            if target in self.emitted:
+                if not _same(self.emitted[target], tensor):
+                    raise ConversionError(f"{key} and another source key both map to {target} but hold different "
+                                          "values (for the final norm: text_model.ln_f and "
+                                          "text_model.transformer_decoder.norm must be the same tensor)")
+                continue
+            self.emitted[target] = tensor
+            out.append((target, tensor))
+        return out
+
+    def check_unknown(self, where: str = "state dict") -> None:
+        """Raise on unknown keys (or report them when not strict); call after each shard."""
+        if not self.unknown:
+            return
+        names = ", ".join(self.unknown[:20]) + (f" ... ({len(self.unknown)} in all)" if len(self.unknown) > 20 else "")
+        if self.strict:
+            raise ConversionError(f"{where}: {len(self.unknown)} key(s) map to nothing: {names}. They are neither "
+                                  "in the mapping tables nor in DROPPED_HF_KEYS; check --src-fmt, or pass "
+                                  "--drop-unmatched-keys to drop them")
+        print(f"Dropping {len(self.unknown)} unmatched key(s) from {where}: {names}", file=sys.stderr)
+        self.unknown.clear()
+
+    def finish(self, required: tuple = ()) -> None:
+        """Raise on missing keys: every group in `required` must be present, and every present group complete."""
+        self.check_unknown()
+        missing = []
+        for group in self.groups:
+            seen = self.seen[group]
+            if not seen:
+                if group in required:
+                    missing.append(f"all {group} keys")
+                continue
+            indices = set().union(*(s for s in seen.values() if s != {None}))
+            for rule in (r for r in RULES if r.group == group):
+                pattern = rule.cs[0] if self.to_cs else rule.hf
+                src_pattern = rule.hf if self.to_cs else rule.cs[0]
+                if rule.hf in OPTIONAL_KEYS:
+                    continue
+                got = seen.get((rule.hf, rule.cs), set())
+                want = indices if "{}" in pattern else {None}
+                step = rule.index_step if self.to_cs else 1
+                for i in sorted(want - got):
+                    missing.append(_fill(src_pattern, None if i is None else i * step))
+            if indices and sorted(indices) != list(range(len(indices))):
+                missing.append(f"{group} layers {sorted(set(range(max(indices) + 1)) - indices)}")
+        if missing:
+            raise ConversionError(f"{len(missing)} source key(s) missing: {', '.join(missing[:20])}"
+                                  + (" ..." if len(missing) > 20 else ""))
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _convert_all(state: Mapping, mapper: KeyMapper, required: tuple) -> dict:
+    out = {}
+    for key, tensor in state.items():
+        for new_key, new_tensor in mapper.convert(key, tensor):
+            out[new_key] = new_tensor
+    mapper.finish(required)
+    return out
+
+
+def _heads(num_heads: Optional[int], num_kv_heads: Optional[int]) -> Heads:
+    return Heads(num_heads, num_kv_heads or num_heads)
+
+
+# ---- public pure functions (no I/O). The model parity tests import these.
+
+
+def hf_clip_to_cs(hf_state: Mapping) -> dict:
+    """CLIPVisionModel (or full CLIPModel) state dict "vision_model.*" -> "image_model.*" (CLS row moved last)."""
+    return _convert_all(hf_state, KeyMapper(True, groups=("clip",)), ("clip",))
+
+
+def cs_clip_to_hf(cs_state: Mapping) -> dict:
+    """Inverse of hf_clip_to_cs: "image_model.*" -> "vision_model.*"."""
+    return _convert_all(cs_state, KeyMapper(False, groups=("clip",)), ("clip",))
+
+
+def hf_llama_to_cs(hf_state: Mapping, num_heads: int, num_kv_heads: Optional[int] = None) -> dict:
+    """LlamaForCausalLM / LLaVA-repo text state dict ("model.*", "lm_head.weight", "model.mm_projector.{0,2}.*")
+    -> "text_model.*" (q/k rows interleaved) + "projector_image_model.*" (when present)."""
+    mapper = KeyMapper(True, _heads(num_heads, num_kv_heads), groups=("llama", "projector"))
+    return _convert_all(hf_state, mapper, ("llama",))
+
+
+def cs_llama_to_hf(cs_state: Mapping, num_heads: int, num_kv_heads: Optional[int] = None) -> dict:
+    """Inverse of hf_llama_to_cs."""
+    mapper = KeyMapper(False, _heads(num_heads, num_kv_heads), groups=("llama", "projector"))
+    return _convert_all(cs_state, mapper, ("llama",))
+
+
+def llava_hf_to_cs(hf_state: Mapping, num_heads: int, num_kv_heads: Optional[int] = None) -> dict:
+    """llava-hf state dict (on-disk "vision_tower.vision_model.*", "multi_modal_projector.linear_{1,2}.*",
+    "language_model.model.*", "language_model.lm_head.weight", or the >=4.52 in-memory "model.*" names) -> CS."""
+    mapper = KeyMapper(True, _heads(num_heads, num_kv_heads), rename=LLAVA_HF_PREFIXES)
+    return _convert_all(hf_state, mapper, ("clip", "llama", "projector"))
+
+
+def hf_to_llava_hf_key(hf_key: str) -> str:
+    """hf (LLaVA repo) name -> on-disk llava-hf name."""
+    for disk, hf in sorted(LLAVA_HF_DISK_PREFIXES.items(), key=lambda kv: -len(kv[1])):
+        if hf_key.startswith(hf):
+            return disk + hf_key[len(hf):]
+    raise ConversionError(f"{hf_key} has no llava-hf name (only a 2-layer projector, mlp2x_gelu, exists there)")
+
+
+def cs_llava_to_hf(cs_state: Mapping, num_heads: int, num_kv_heads: Optional[int] = None) -> dict:
+    """CS state dict -> on-disk llava-hf layout (loadable by LlavaForConditionalGeneration.from_pretrained)."""
+    mapper = KeyMapper(False, _heads(num_heads, num_kv_heads))
+    hf = _convert_all(cs_state, mapper, ("clip", "llama", "projector"))
+    return {hf_to_llava_hf_key(k): v for k, v in hf.items()}
+
+
+def cs_to_hf_components(cs_state: Mapping, num_heads: int, num_kv_heads: Optional[int] = None) -> tuple:
+    """CS state dict -> (image_model state "vision_model.*", text_model state "model.*" incl. mm_projector)."""
+    mapper = KeyMapper(False, _heads(num_heads, num_kv_heads))
+    hf = _convert_all(cs_state, mapper, ("clip", "llama", "projector"))
+    image = {k: v for k, v in hf.items() if k.startswith(CLIP_HF_PREFIX)}
+    return image, {k: v for k, v in hf.items() if not k.startswith(CLIP_HF_PREFIX)}
+
+
+def strip_model_prefix(state: Mapping) -> dict:
+    """run.py checkpoints carry `model.` (LlavaModel wraps Llava as .model); converted ones do not."""
+    keys = list(state)
+    if keys and all(k.startswith("model.") for k in keys):
+        return {k[len("model."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+# ==============================================================================================
+# 4. Config mapping (spec 6.5). HF side: plain dicts as in config.json; CS side: the yaml `model:` section.
+# ==============================================================================================
+
+# What transformers assumes for keys a config.json leaves out (CLIPVisionConfig / LlamaConfig defaults; the
+# llava-hf and CLIPModel configs rely on them). A test checks these against transformers itself.
+HF_CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                    "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+                    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "attention_dropout": 0.0,
+                    "initializer_range": 0.02}
+HF_LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
+                     "max_position_embeddings": 2048, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+                     "tie_word_embeddings": False, "rope_theta": 10000.0, "rope_scaling": None,
+                     "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0}
+# LLaVA-repo fields assumed when absent (spec 6.5).
+LLAVA_DEFAULTS = {"mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+                  "mm_projector_type": "mlp2x_gelu", "tune_mm_mlp_adapter": False,
+                  "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+# transformers' LlavaConfig defaults (llava-hf).
+LLAVA_HF_DEFAULTS = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+                     "image_token_index": 32000, "projector_hidden_act": "gelu", "multimodal_projector_bias": True}
+# The vision_config LlavaConfig builds when none is given: CLIP ViT-L/14-336.
+LLAVA_HF_VISION_DEFAULTS = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                            "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768}
+
+# Fixed values of a CLIP ViT / Llama in Cerebras' grammar (spec 6.5 "Fixed CS values").
+CS_VIT_FIXED = {"position_embedding_type": "learned", "embedding_dropout_rate": 0.0, "use_post_embed_layer_norm": True,
+                "use_embed_proj_bias": False, "attention_type": "scaled_dot_product", "attention_softmax_fp32": True,
+                "dropout_rate": 0.0, "use_projection_bias_in_attention": True, "use_ffn_bias_in_attention": True,
+                "use_ffn_bias": True, "norm_first": True, "use_conv_patchified_embedding": True,
+                "use_encoder_pooler_layer": False, "prepend_cls_token": True}
+CS_LLAMA_FIXED = {"position_embedding_type": "rotary", "embd_pdrop": 0.0, "dropout_rate": 0.0, "norm_type": "rmsnorm",
+                  "attention_type": "scaled_dot_product", "use_projection_bias_in_attention": False,
+                  "use_ffn_bias_in_attention": False, "nonlinearity": "swiglu", "use_ffn_bias": False,
+                  "use_bias_in_output": False}
+# Model-level values the converted yaml carries (spec 6.5 "CS model-level defaults"); loss_weight etc. are not
+# in an HF checkpoint. image_start_idx 1 fits phase 1 data; phase 2 (vicuna_v1) data needs 35.
+CS_MODEL_DEFAULTS = {"loss_scaling": "num_tokens", "loss_weight": 1.0, "image_start_idx": 1,
+                     "mixed_precision": True, "fp16_type": "bfloat16"}
+# Cerebras spells the key order of the shipped yamls this way; the converted yaml follows it.
+CS_VIT_ORDER = ("name", "position_embedding_type", "embedding_dropout_rate", "hidden_size", "use_post_embed_layer_norm",
+                "use_embed_proj_bias", "num_hidden_layers", "layer_norm_epsilon", "num_heads", "attention_type",
+                "attention_softmax_fp32", "dropout_rate", "nonlinearity", "attention_dropout_rate",
+                "use_projection_bias_in_attention", "use_ffn_bias_in_attention", "filter_size", "use_ffn_bias",
+                "initializer_range", "norm_first", "image_size", "num_channels", "patch_size",
+                "use_conv_patchified_embedding", "use_encoder_pooler_layer", "prepend_cls_token")
+CS_LLAMA_ORDER = ("name", "vocab_size", "hidden_size", "position_embedding_type", "rotary_dim",
+                  "share_embedding_weights", "max_position_embeddings", "embd_pdrop", "num_hidden_layers",
+                  "dropout_rate", "layer_norm_epsilon", "norm_type", "num_heads", "attention_type",
+                  "attention_dropout_rate", "use_projection_bias_in_attention", "use_ffn_bias_in_attention",
+                  "filter_size", "nonlinearity", "use_ffn_bias", "use_bias_in_output", "rope_theta",
+                  "pos_scaling_factor", "initializer_range", "attention_module", "extra_attention_params")
+
+FEATURE_MODES = {"patch": "patch", "cls_patch": "cls_patch"}  # LLaVA mm_vision_select_feature -> CS mode
+LLAVA_HF_STRATEGIES = {"default": "patch", "full": "cls_patch"}  # llava-hf strategy -> CS mode
+PROJECTOR_TYPE = re.compile(r"^mlp(\d+)x_gelu$")
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _ordered(d: dict, order: tuple) -> dict:
+    return {k: d[k] for k in order if k in d} | {k: v for k, v in d.items() if k not in order}
+
+
+def _square(value, what: str) -> int:
+    """CS sizes are [h, w]; HF CLIP only knows square sizes."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConversionError(f"{what} {list(value)} is not square; HF CLIP configs need a square size")
+        return int(value[0])
+    return int(value)
+
+
+def _select_layer_to_cs(layer, where: str) -> int:
+    """HF hidden_states index (0 = embeddings) -> CS layer index (run layers 0..k); negatives are the same."""
+    if isinstance(layer, list):
+        raise ConversionError(f"{where} = {layer}: several feature layers are not supported; use one index")
+    layer = int(layer)
+    if layer == 0:
+        raise ConversionError(f"{where} = 0 selects the embeddings, which the CS model cannot; use -2")
+    return layer if layer < 0 else layer - 1
+
+
+def _select_layer_to_hf(idx) -> int:
+    if idx is None:
+        raise ConversionError("model.image_feature_select_layer_idx is null (all layers + final norm); HF LLaVA "
+                              "cannot express this; set an index such as -2")
+    return idx if idx < 0 else idx + 1
+
+
+def hf_clip_config_to_cs(vision: Mapping) -> dict:
+    """CLIPVisionConfig (or a CLIPModel config with `vision_config`) -> CS `image_model` section."""
+    # A CLIPModel config nests the vision part (older files spell it vision_config_dict).
+    vision = vision.get("vision_config") or vision.get("vision_config_dict") or vision
+    c = {**HF_CLIP_DEFAULTS, **{k: v for k, v in vision.items() if v is not None}}
+    if c["hidden_act"] not in ("quick_gelu", "gelu"):
+        raise ConversionError(f"CLIP hidden_act {c['hidden_act']!r} is not supported; use quick_gelu or gelu")
+    out = dict(CS_VIT_FIXED)
+    out.update(name="ViTModel", hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
+               layer_norm_epsilon=c["layer_norm_eps"], num_heads=c["num_attention_heads"],
+               filter_size=c["intermediate_size"], nonlinearity=c["hidden_act"],
+               attention_dropout_rate=c["attention_dropout"], initializer_range=c["initializer_range"],
+               image_size=[c["image_size"]] * 2 if not isinstance(c["image_size"], list) else c["image_size"],
+               num_channels=c["num_channels"],
+               patch_size=[c["patch_size"]] * 2 if not isinstance(c["patch_size"], list) else c["patch_size"])
+    return _ordered(out, CS_VIT_ORDER)
+
+
+def hf_llama_config_to_cs(text: Mapping) -> dict:
+    """LlamaConfig fields (a LLaVA config.json or llava-hf text_config) -> CS `text_model` section."""
+    c = {**HF_LLAMA_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k == "rope_scaling"}}
+    heads, kv = c["num_attention_heads"], c["num_key_value_heads"] or c["num_attention_heads"]
+    if c["hidden_act"] != "silu":
+        raise ConversionError(f"text hidden_act {c['hidden_act']!r}: only silu (SwiGLU Llama) is supported")
+    if c["attention_bias"] or c["mlp_bias"]:
+        raise ConversionError("text attention_bias/mlp_bias true is not supported (Llama has no biases)")
+    if c.get("head_dim") not in (None, c["hidden_size"] // heads):
+        raise ConversionError(f"text head_dim {c['head_dim']} != hidden_size/num_attention_heads "
+                              f"({c['hidden_size'] // heads}); not supported")
+    scaling = c["rope_scaling"]
+    factor = 1.0
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "linear":
+            raise ConversionError(f"rope_scaling {scaling}: only linear scaling maps to pos_scaling_factor")
+        factor = float(scaling["factor"])
+    out = dict(CS_LLAMA_FIXED)
+    out.update(name="LlamaModel", vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+               rotary_dim=c["hidden_size"] // heads, share_embedding_weights=bool(c["tie_word_embeddings"]),
+               max_position_embeddings=c["max_position_embeddings"], num_hidden_layers=c["num_hidden_layers"],
+               layer_norm_epsilon=c["rms_norm_eps"], num_heads=heads, attention_dropout_rate=c["attention_dropout"],
+               filter_size=c["intermediate_size"], rope_theta=float(c["rope_theta"]), pos_scaling_factor=factor,
+               initializer_range=c["initializer_range"])
+    if kv != heads:  # grouped-query attention, in Cerebras' spelling
+        out.update(attention_module="multiquery_attention", extra_attention_params={"num_kv_groups": kv})
+    return _ordered(out, CS_LLAMA_ORDER)
+
+
+def _projector_section(input_unit: int, hidden: int, layers: int, use_bias: bool = True) -> dict:
+    return {"image_model": {"name": "FeedForwardNetwork", "input_unit": input_unit, "layers_units": [hidden] * layers,
+                            "layers_activation": ["gelu"] * (layers - 1) + [None], "use_bias": use_bias}}
+
+
+def _model_section(image: dict, text: dict, projector: dict, freeze: list, select_idx: int, mode: str) -> dict:
+    return {"image_model": image, "text_model": text, "projector": projector,
+            "loss_scaling": CS_MODEL_DEFAULTS["loss_scaling"], "loss_weight": CS_MODEL_DEFAULTS["loss_weight"],
+            "freeze": freeze, "image_feature_select_layer_idx": select_idx,
+            "image_start_idx": CS_MODEL_DEFAULTS["image_start_idx"], "image_feature_select_mode": mode,
+            "mixed_precision": CS_MODEL_DEFAULTS["mixed_precision"], "fp16_type": CS_MODEL_DEFAULTS["fp16_type"]}
+
+
+def hf_configs_to_cs(image_config: Mapping, text_config: Mapping) -> dict:
+    """hf layout: image_model/config.json + text_model/config.json (LLaVA fields) -> CS yaml `model:` section."""
+    image = hf_clip_config_to_cs(image_config)
+    text = hf_llama_config_to_cs(text_config)
+    llava = {**LLAVA_DEFAULTS, **{k: v for k, v in text_config.items() if k in LLAVA_DEFAULTS and v is not None}}
+    m = PROJECTOR_TYPE.match(str(llava["mm_projector_type"]))
+    if not m:
+        raise ConversionError(f"text_model/config.json mm_projector_type {llava['mm_projector_type']!r}: only "
+                              "mlp<N>x_gelu projectors are supported (e.g. mlp2x_gelu)")
+    mm_hidden = text_config.get("mm_hidden_size") or image["hidden_size"]
+    if mm_hidden != image["hidden_size"]:
+        raise ConversionError(f"text_model/config.json mm_hidden_size {mm_hidden} != image_model hidden_size "
+                              f"{image['hidden_size']}: the configs belong to different models")
+    for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+        if llava[flag]:
+            raise ConversionError(f"text_model/config.json {flag}: true is not supported (LLaVA-1.5 uses false)")
+    mode = llava["mm_vision_select_feature"]
+    if mode not in FEATURE_MODES:
+        raise ConversionError(f"mm_vision_select_feature {mode!r}: use one of {list(FEATURE_MODES)}")
+    freeze = ["^image_model", "^text_model"] if llava["tune_mm_mlp_adapter"] else ["^image_model"]
+    projector = _projector_section(mm_hidden, text["hidden_size"], int(m.group(1)))
+    select = _select_layer_to_cs(llava["mm_vision_select_layer"], "mm_vision_select_layer")
+    return _model_section(image, text, projector, freeze, select, FEATURE_MODES[mode])
+
+
+def llava_hf_config_to_cs(config: Mapping) -> dict:
+    """llava-hf config.json (LlavaConfig) -> CS yaml `model:` section."""
+    c = {**LLAVA_HF_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    vision = config.get("vision_config") or LLAVA_HF_VISION_DEFAULTS
+    image = hf_clip_config_to_cs(vision)
+    text_cfg = dict(config.get("text_config") or {})
+    text_cfg.setdefault("tie_word_embeddings", False)
+    text = hf_llama_config_to_cs(text_cfg)
+    if c["projector_hidden_act"] != "gelu":
+        raise ConversionError(f"projector_hidden_act {c['projector_hidden_act']!r}: only gelu is supported")
+    strategy = c["vision_feature_select_strategy"]
+    if strategy not in LLAVA_HF_STRATEGIES:
+        raise ConversionError(f"vision_feature_select_strategy {strategy!r}: use one of {list(LLAVA_HF_STRATEGIES)}")
+    projector = _projector_section(image["hidden_size"], text["hidden_size"], 2, bool(c["multimodal_projector_bias"]))
+    select = _select_layer_to_cs(c["vision_feature_layer"], "vision_feature_layer")
+    return _model_section(image, text, projector, ["^image_model"], select, LLAVA_HF_STRATEGIES[strategy])
+
+
+def parse_cs_config(model_section: Mapping):
+    """The CS `model:` section as model.py's LlavaModelConfig (defaults filled, validated)."""
+    import model as model_py
+
+    try:
+        return model_py.parse_model_config(dict(model_section))
+    except model_py.ConfigError as e:
+        raise ConversionError(str(e)) from None
+
+
+def num_kv_heads_of(cfg) -> int:
+    import model as model_py
+
+    return model_py.num_kv_heads(cfg.text_model)
+
+
+def _projector_layers(cfg) -> int:
+    """Number of projector layers, checking it is an mlp<N>x_gelu (the only kind LLaVA configs can express)."""
+    pj, tm = cfg.projector, cfg.text_model
+    n = len(pj.layers_units)
+    if list(pj.layers_activation) != ["gelu"] * (n - 1) + [None] or any(u != tm.hidden_size for u in pj.layers_units):
+        raise ConversionError(f"model.projector.image_model {pj.layers_units} / {pj.layers_activation}: only "
+                              f"mlp<N>x_gelu (all units = text hidden_size, gelu between layers) converts to HF")
+    if not pj.use_bias:
+        raise ConversionError("model.projector.image_model.use_bias false: LLaVA's mm_projector has biases")
+    return n
+
+
+def cs_to_hf_clip_config(cfg, dtype: str = "float32") -> dict:
+    """CS image_model -> CLIPVisionConfig dict for image_model/config.json."""
+    im = cfg.image_model
+    if im.use_embed_proj_bias or not im.use_post_embed_layer_norm or not im.use_ffn_bias:
+        raise ConversionError("model.image_model: HF CLIP needs use_embed_proj_bias false, use_post_embed_layer_norm "
+                              "true and use_ffn_bias true")
+    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+            "hidden_size": im.hidden_size, "intermediate_size": im.filter_size,
+            "num_hidden_layers": im.num_hidden_layers, "num_attention_heads": im.num_heads,
+            "num_channels": im.num_channels, "image_size": _square(im.image_size, "model.image_model.image_size"),
+            "patch_size": _square(im.patch_size, "model.image_model.patch_size"), "hidden_act": im.nonlinearity,
+            "layer_norm_eps": im.layer_norm_epsilon, "attention_dropout": im.attention_dropout_rate, "dropout": 0.0,
+            "initializer_range": im.initializer_range, "initializer_factor": 1.0, "projection_dim": 768,
+            "torch_dtype": dtype}
+
+
+def cs_to_hf_llama_config(cfg, dtype: str = "float32") -> dict:
+    """CS text_model -> the Llama fields of a LlamaConfig."""
+    tm = cfg.text_model
+    head_dim = tm.hidden_size // tm.num_heads
+    if tm.rotary_dim not in (None, head_dim):
+        raise ConversionError(f"model.text_model.rotary_dim {tm.rotary_dim} != head size {head_dim}: HF Llama "
+                              "rotates whole heads")
+    if tm.use_projection_bias_in_attention or tm.use_ffn_bias or tm.use_bias_in_output:
+        raise ConversionError("model.text_model: biases are not supported by the HF Llama conversion")
+    return {"vocab_size": tm.vocab_size, "hidden_size": tm.hidden_size, "intermediate_size": tm.filter_size,
+            "num_hidden_layers": tm.num_hidden_layers, "num_attention_heads": tm.num_heads,
+            "num_key_value_heads": num_kv_heads_of(cfg), "hidden_act": "silu",
+            "max_position_embeddings": tm.max_position_embeddings, "rms_norm_eps": tm.layer_norm_epsilon,
+            "initializer_range": tm.initializer_range, "tie_word_embeddings": tm.share_embedding_weights,
+            "rope_theta": tm.rope_theta,
+            "rope_scaling": None if tm.pos_scaling_factor == 1.0 else {"type": "linear",
+                                                                       "factor": tm.pos_scaling_factor},
+            "attention_dropout": tm.attention_dropout_rate, "attention_bias": False, "mlp_bias": False,
+            "torch_dtype": dtype}
+
+
+def cs_to_hf_text_config(cfg, vision_tower: str, dtype: str = "float32") -> dict:
+    """CS model -> LLaVA text_model/config.json (Llama fields + mm_* fields), spec 6.5."""
+    text = cs_to_hf_llama_config(cfg, dtype)
+    layers = _projector_layers(cfg)
+    tune_adapter = any("text_model" in p for p in (cfg.freeze or []))
+    llava = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "bos_token_id": 1,
+             "eos_token_id": 2, "pad_token_id": 0, "use_cache": True,
+             "mm_vision_tower": vision_tower, "mm_hidden_size": cfg.image_model.hidden_size,
+             "mm_projector_type": f"mlp{layers}x_gelu",
+             "mm_vision_select_layer": _select_layer_to_hf(cfg.image_feature_select_layer_idx),
+             "mm_vision_select_feature": cfg.image_feature_select_mode,
+             "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",
+             "image_aspect_ratio": "pad", "use_mm_proj": True, "tune_mm_mlp_adapter": tune_adapter,
+             "freeze_mm_mlp_adapter": False, "tune_mm_vision_resampler": False, "freeze_mm_vision_resampler": False,
+             "unfreeze_mm_vision_tower": False}
+    return {**llava, **text}
+
+
+def cs_to_llava_hf_config(cfg, image_token_index: int, pad_token_id: Optional[int], dtype: str = "float32") -> dict:
+    """CS model -> llava-hf config.json (LlavaConfig)."""
+    if _projector_layers(cfg) != 2:
+        raise ConversionError("llava-hf has a 2-layer projector (linear_1, gelu, linear_2); this config has "
+                              f"{len(cfg.projector.layers_units)} layers")
+    strategy = {v: k for k, v in LLAVA_HF_STRATEGIES.items()}[cfg.image_feature_select_mode]
+    vision = cs_to_hf_clip_config(cfg, dtype)
+    vision.pop("architectures")
+    text = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **cs_to_hf_llama_config(cfg, dtype)}
+    num_patches = ((cfg.image_model.image_size[0] // cfg.image_model.patch_size[0])
+                   * (cfg.image_model.image_size[1] // cfg.image_model.patch_size[1]))
+    return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "image_token_index": image_token_index, "pad_token_id": pad_token_id, "ignore_index": -100,
+            "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+            "vision_feature_layer": _select_layer_to_hf(cfg.image_feature_select_layer_idx),
+            "vision_feature_select_strategy": strategy,
+            "image_seq_length": num_patches + (strategy == "full"),
+            "tie_word_embeddings": cfg.text_model.share_embedding_weights, "torch_dtype": dtype,
+            "text_config": text, "vision_config": vision}
+
+
+def preprocessor_config(cfg) -> dict:
+    """image_model/preprocessor_config.json for the hf layout (spec 6.2 defaults, size from the CS config)."""
+    size = _square(cfg.image_model.image_size, "model.image_model.image_size")
+    return {"crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_normalize": True,
+            "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD, "resample": 3, "size": size}
+
+
+# ==============================================================================================
+# 5. Checkpoint files: finding, reading (one shard at a time), writing (sharded, temporary names)
+# ==============================================================================================
+
+# Looked for in this order inside a model folder; an index lists the shards.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_HF_WEIGHT_NAME = re.compile(r"^(pytorch_model|model)(-\d{5}-of-\d{5})?\.(bin|safetensors)(\.index\.json)?$")
+
+
+def parse_size(text) -> int:
+    """'10GB' -> 10**9 * 10 (decimal units as HF; KiB/MiB/GiB binary); a plain number is bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise ConversionError(f"--hf-shard-size {text!r}: use a size such as 10GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def find_weight_files(folder: Path) -> list:
+    """The weight files of an HF model folder, in shard order (index first, then a single file)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: folder not found")
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        weight_map = read_json(path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{path}: no `weight_map` in the index")
+        shards = [folder / s for s in dict.fromkeys(weight_map.values())]
+        absent = [str(s) for s in shards if not s.is_file()]
+        if absent:
+            raise ConversionError(f"{path} lists shards that are not there: {', '.join(absent)}")
+        return shards
+    present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+    raise ConversionError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)}; found {present})")
+
+
+def torch_load(path: Path, mmap: bool = False):
+    """torch.load with weights_only=True: plain tensors and containers only, a pickle that runs code is refused.
+
+    mmap=True maps the file instead of reading it, so entries never touched (a training checkpoint's optimizer
+    state) cost no memory; files in the legacy (non-zip) format fall back to a normal read."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(f"{path}: refused to load: it needs more than tensors and plain containers "
+                              f"(torch.load weights_only=True said: {str(e).splitlines()[0]}). Only load checkpoints "
+                              "you trust; re-save it as a plain state dict or safetensors") from None
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):
+            return torch_load(path, mmap=False)
+        raise ConversionError(f"{path}: cannot be read by torch.load ({e})") from None
+
+
+def load_weight_file(path: Path) -> dict:
+    """One weight file (safetensors or torch pickle) -> {key: tensor}."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    with open(path, "rb") as f:
+        if f.read(8) == HDF5_MAGIC:
+            return _load_cerebras_h5(path)
+    state = torch_load(path)
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def _load_cerebras_h5(path: Path):
+    """A checkpoint written by cerebras.pytorch (HDF5). Readable only where cerebras.pytorch is installed."""
+    try:
+        import cerebras.pytorch as cstorch
+    except ImportError:
+        raise ConversionError(f"{path} is a Cerebras HDF5 checkpoint (written by cstorch.save); reading it needs "
+                              "cerebras.pytorch. Run this conversion in the Cerebras environment "
+                              "(requirements-csx.txt), or save it there with torch.save") from None
+    return cstorch.load(str(path), map_location="cpu")
+
+
+def iter_weight_files(files: list, progress: bool, desc: str) -> Iterator:
+    """Yield (path, state dict) one file at a time, so at most one shard is in memory besides the output."""
+    from tqdm import tqdm
+
+    for path in tqdm(files, desc=desc, unit="shard", disable=not progress):
+        yield path, load_weight_file(path)
+
+
+def load_cs_checkpoint(path: Path) -> tuple:
+    """A cs-2.x checkpoint -> (state dict without the `model.` prefix, params from __metadata__ or None).
+
+    Accepts {"model": state, ...} (run.py / Cerebras; optimizer and other entries are ignored, and thanks to
+    mmap never read) or a bare state dict."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"{path} is a folder; --src-fmt cs-2.2 expects a .mdl file "
+                              f"(a folder is --src-fmt {guess_format(path) or 'hf or llava-hf'})")
+    if not path.is_file():
+        raise ConversionError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        is_h5 = f.read(8) == HDF5_MAGIC
+    obj = _load_cerebras_h5(path) if is_h5 else torch_load(path, mmap=True)
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path}: expected a dict, found {type(obj).__name__}")
+    params = None
+    meta = obj.get("__metadata__")
+    if isinstance(meta, list) and meta and isinstance(meta[-1], Mapping):
+        params = meta[-1].get("params")
+    if isinstance(obj.get("model"), Mapping):
+        ignored = [k for k in obj if k != "model"]
+        if ignored:
+            print(f"Ignoring checkpoint entries {ignored} (only `model` weights are converted)", file=sys.stderr)
+        state = obj["model"]
+    else:
+        state = obj
+    bad = [k for k, v in state.items() if not hasattr(v, "shape")]
+    if bad:
+        raise ConversionError(f"{path}: not a state dict (non-tensor entries {bad[:5]}); expected {{'model': "
+                              "state_dict}} or a state dict")
+    return strip_model_prefix(state), params
+
+
+class ShardedWriter:
+    """Writes tensors into HF-style shards of at most `max_bytes`, under temporary names renamed by close().
+
+    One shard is held in memory at a time; tensors are released as soon as their shard is written."""
+
+    def __init__(self, folder: Path, max_bytes: int, safetensors: bool):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        existing = sorted(p.name for p in self.folder.iterdir() if _HF_WEIGHT_NAME.match(p.name))
+        if existing:  # never mix shards of two conversions, never overwrite someone's original weights
+            raise ConversionError(f"{self.folder} already holds weights ({', '.join(existing[:4])}); remove them or "
+                                  "choose another --output-dir")
+        self.max_bytes = max_bytes
+        self.safetensors = safetensors
+        self.current: dict = {}
+        self.current_bytes = 0
+        self.written: list = []  # (temporary path, keys)
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + size > self.max_bytes:
+            self._flush()
+        self.current[key] = tensor
+        self.current_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        if not self.current:
+            return
+        tmp = self.folder / f".tmp-shard-{len(self.written) + 1:05d}"
+        tensors = {k: _own_storage(v) for k, v in self.current.items()}
+        if self.safetensors:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        else:
+            import torch
+
+            torch.save(tensors, tmp)
+        self.written.append((tmp, list(tensors)))
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> list:
+        """Write the last shard, rename the shards to their HF names, write the index."""
+        self._flush()
+        stem, ext = ("model", "safetensors") if self.safetensors else ("pytorch_model", "bin")
+        n = len(self.written)
+        names = [f"{stem}.{ext}"] if n == 1 else [f"{stem}-{i:05d}-of-{n:05d}.{ext}" for i in range(1, n + 1)]
+        weight_map = {}
+        for (tmp, keys), name in zip(self.written, names):
+            os.replace(tmp, self.folder / name)
+            weight_map.update({k: name for k in keys})
+        paths = [self.folder / name for name in names]
+        if n > 1:
+            index = self.folder / f"{stem}.{ext}.index.json"
+            _write_json(index, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+            paths.append(index)
+        return paths
+
+
+def _own_storage(t):
+    """A contiguous tensor owning exactly its bytes (torch.save writes whole storages; safetensors wants this)."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _write_yaml(path: Path, obj) -> None:
+    import yaml
+
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(obj, f, sort_keys=False, default_flow_style=None)
+    os.replace(tmp, path)
+
+
+def _torch_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_cs_yaml(path: Path) -> dict:
+    """The `model:` section of a CS params yaml (run config, converted config, or 2.10 trainer format)."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"--config {path} is a folder; for --src-fmt cs-2.2 pass the params yaml")
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConversionError(f"--config {path}: not found") from None
+    if isinstance(params, dict) and "trainer" in params and "model" not in params:
+        params = {"model": ((params["trainer"] or {}).get("init") or {}).get("model")}
+    if not isinstance(params, dict) or not isinstance(params.get("model"), dict):
+        raise ConversionError(f"--config {path}: no top-level `model:` section")
+    model = dict(params["model"])
+    model.pop("name", None)  # 2.10 trainer configs name the model ("llava")
+    return model
+
+
+def guess_format(path: Path) -> Optional[str]:
+    """Which format a path looks like (for error messages): hf, llava-hf, cs-2.2 or None."""
+    path = Path(path)
+    if path.is_file():
+        return "cs-2.2" if path.suffix in (".mdl", ".pt", ".pth", ".ckpt") else None
+    if (path / "image_model").is_dir() and (path / "text_model").is_dir():
+        return "hf"
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            if "vision_config" in read_json(config) and "text_config" in read_json(config):
+                return "llava-hf"
+        except ConversionError:
+            return None
+    return None
+
+
+# ==============================================================================================
+# 6. Folder-level conversions (streaming)
+# ==============================================================================================
+
+
+@dataclass
+class Options:
+    shard_bytes: int = 10 * 10**9  # --hf-shard-size
+    safetensors: bool = False  # --export-safetensors
+    dtype: Optional[str] = None  # --dtype: cast floating tensors; None keeps the checkpoint's dtype
+    progress: bool = True  # tqdm bars
+    strict: bool = True  # False = --drop-unmatched-keys
+    tokenizer_dir: Optional[Path] = None  # --tokenizer-dir: tokenizer files for the hf / llava-hf output
+    seed: int = 0  # --seed for a fresh projector (plain Vicuna input)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _cast(t, dtype: Optional[str]):
+    import torch
+
+    return t.to(getattr(torch, dtype)) if dtype and t.is_floating_point() else t
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def expected_cs_shapes(cfg) -> dict:
+    """{CS key: shape} of the model run.py builds from this config (built on the meta device: no memory)."""
+    import torch
+
+    import model as model_py
+
+    with torch.device("meta"):
+        llava = model_py.build_llava(cfg)
+    return {k: tuple(v.shape) for k, v in llava.state_dict().items()}
+
+
+def _config_mismatch(where: str, key: str, cs_key: str, shape, expected: dict, config: str) -> Optional[str]:
+    if cs_key not in expected:
+        return f"{where}: {key} -> {cs_key}: the model built from {config} has no such parameter"
+    if tuple(shape) != expected[cs_key]:
+        return (f"{where}: {key} -> {cs_key} has shape {list(shape)} but {config} gives {list(expected[cs_key])}")
+    return None
+
+
+def fresh_projector(cfg, dtype, seed: int) -> dict:
+    """Projector weights AND biases ~ uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) (spec 6.4), for a plain Vicuna."""
+    import torch
+
+    pj = cfg.projector
+    g = torch.Generator().manual_seed(seed)
+    sizes = [pj.input_unit, *pj.layers_units]
+    out = {}
+    for i in range(len(pj.layers_units)):
+        bound = 1.0 / math.sqrt(sizes[i])
+        prefix = f"projector_image_model.ffn.{i}.linear_layer."
+        out[prefix + "weight"] = ((torch.rand(sizes[i + 1], sizes[i], generator=g) * 2 - 1) * bound).to(dtype)
+        if pj.use_bias:
+            out[prefix + "bias"] = ((torch.rand(sizes[i + 1], generator=g) * 2 - 1) * bound).to(dtype)
+    return out
+
+
+def _stream_into(out: dict, files: list, mapper: KeyMapper, expected: dict, config: str, opts: Options,
+                 desc: str) -> None:
+    """Convert files shard by shard into `out`; tensors are popped from each shard as they are converted."""
+    problems = []
+    for path, state in iter_weight_files(files, opts.progress, desc):
+        for key in list(state):
+            tensor = state.pop(key)
+            for cs_key, value in mapper.convert(key, tensor):
+                problem = _config_mismatch(str(path), key, cs_key, value.shape, expected, config)
+                if problem:
+                    problems.append(problem)
+                    continue
+                out[cs_key] = _cast(value, opts.dtype)
+        mapper.check_unknown(str(path))
+        if problems:
+            raise ConversionError("the config does not match the weights:\n  " + "\n  ".join(problems[:10]))
+
+
+def _finish_cs(out: dict, cfg, expected: dict, config: str) -> dict:
+    """Tie lm_head when the config shares embeddings, check nothing is missing, order as the model."""
+    emb, head = "text_model.embedding_layer.word_embeddings.weight", "text_model.lm_head.weight"
+    if cfg.text_model.share_embedding_weights and head not in out and emb in out:
+        out[head] = out[emb]
+    missing = [k for k in expected if k not in out]
+    if missing:
+        raise ConversionError(f"{len(missing)} parameter(s) of the model built from {config} are not in the "
+                              f"checkpoint: {', '.join(missing[:12])}" + (" ..." if len(missing) > 12 else ""))
+    return {k: out[k] for k in expected}
+
+
+def _write_cs(out: dict, model_section: dict, out_dir: Path, tgt_fmt: str) -> tuple:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / f"pytorch_model_to_{tgt_fmt}.mdl"
+    cfg_path = out_dir / f"config_to_{tgt_fmt}.yaml"
+    _torch_save({"model": out}, ckpt_path)
+    _write_yaml(cfg_path, {"model": model_section})
+    return ckpt_path, cfg_path
+
+
+def _check_hf_layout(folder: Path) -> None:
+    folder = Path(folder)
+    if not folder.exists():
+        raise ConversionError(f"{folder}: not found")
+    if folder.is_file():
+        raise ConversionError(f"{folder} is a file; --src-fmt hf expects the folder holding image_model/ and "
+                              f"text_model/ (a file is --src-fmt {guess_format(folder) or 'cs-2.2'})")
+    for sub in ("image_model", "text_model"):
+        if not (folder / sub).is_dir():
+            found = guess_format(folder)
+            hint = f" It looks like --src-fmt {found}." if found and found != "hf" else ""
+            raise ConversionError(f"{folder}/{sub}/ not found: --src-fmt hf expects {folder}/image_model/ "
+                                  f"(CLIP) and {folder}/text_model/ (LLaVA config.json + Llama weights).{hint}")
+
+
+def read_hf_configs(config_dir: Path) -> tuple:
+    """hf layout: (image_model/config.json, text_model/config.json) as dicts."""
+    _check_hf_layout(config_dir)
+    config_dir = Path(config_dir)
+    return read_json(config_dir / "image_model" / "config.json"), read_json(config_dir / "text_model" / "config.json")
+
+
+def convert_hf_to_cs(checkpoint: Path, config_dir: Path, out_dir: Path, tgt_fmt: str = "cs-2.2",
+                     opts: Options = Options()) -> tuple:
+    """hf layout (image_model/ + text_model/) -> pytorch_model_to_cs-2.2.mdl + config_to_cs-2.2.yaml."""
+    checkpoint, config_dir = Path(checkpoint), Path(config_dir)
+    image_cfg, text_cfg = read_hf_configs(config_dir)
+    _check_hf_layout(checkpoint)
+    model_section = hf_configs_to_cs(image_cfg, text_cfg)
+    cfg = parse_cs_config(model_section)
+    expected = expected_cs_shapes(cfg)
+    config = f"{config_dir}/{{image_model,text_model}}/config.json"
+    heads = Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg))
+    out: dict = {}
+    image = KeyMapper(True, groups=("clip",), strict=opts.strict)
+    _stream_into(out, find_weight_files(checkpoint / "image_model"), image, expected, config, opts, "image_model")
+    image.finish(("clip",))
+    text = KeyMapper(True, heads, groups=("llama", "projector"), strict=opts.strict)
+    _stream_into(out, find_weight_files(checkpoint / "text_model"), text, expected, config, opts, "text_model")
+    projector_file = checkpoint / "text_model" / "mm_projector.bin"  # LLaVA stage-1 output beside the weights
+    if not text.seen["projector"] and projector_file.is_file():
+        print(f"Projector weights from {projector_file}", file=sys.stderr)
+        _stream_into(out, [projector_file], text, expected, config, opts, "mm_projector")
+    text.finish(("llama",))
+    if not text.seen["projector"]:
+        dtype = out["text_model.embedding_layer.word_embeddings.weight"].dtype
+        print(f"No mm_projector weights in {checkpoint}/text_model (a plain Vicuna): creating a fresh projector "
+              f"(uniform +-1/sqrt(fan_in), seed {opts.seed})", file=sys.stderr)
+        out.update(fresh_projector(cfg, dtype, opts.seed))
+    out = _finish_cs(out, cfg, expected, config)
+    return _write_cs(out, model_section, Path(out_dir), tgt_fmt)
+
+
+def _llava_hf_config_path(config: Path) -> Path:
+    config = Path(config)
+    path = config / "config.json" if config.is_dir() else config
+    if not path.is_file():
+        found = guess_format(config)
+        hint = f" It looks like --src-fmt {found}." if found and found != "llava-hf" else ""
+        raise ConversionError(f"{path}: not found; --src-fmt llava-hf expects a folder with a LlavaConfig "
+                              f"config.json.{hint}")
+    return path
+
+
+def convert_llava_hf_to_cs(checkpoint: Path, config: Path, out_dir: Path, tgt_fmt: str = "cs-2.2",
+                           opts: Options = Options()) -> tuple:
+    """llava-hf folder -> pytorch_model_to_cs-2.2.mdl + config_to_cs-2.2.yaml."""
+    checkpoint = Path(checkpoint)
+    config_path = _llava_hf_config_path(config)
+    hf_config = read_json(config_path)
+    if "text_config" not in hf_config and "vision_config" not in hf_config:
+        raise ConversionError(f"{config_path} is not a LlavaConfig (no text_config/vision_config); for the LLaVA "
+                              "repo layout use --src-fmt hf")
+    model_section = llava_hf_config_to_cs(hf_config)
+    cfg = parse_cs_config(model_section)
+    expected = expected_cs_shapes(cfg)
+    mapper = KeyMapper(True, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)), rename=LLAVA_HF_PREFIXES,
+                       strict=opts.strict)
+    out: dict = {}
+    _stream_into(out, find_weight_files(checkpoint), mapper, expected, str(config_path), opts, "llava-hf")
+    mapper.finish(("clip", "llama", "projector"))
+    out = _finish_cs(out, cfg, expected, str(config_path))
+    return _write_cs(out, model_section, Path(out_dir), tgt_fmt)
+
+
+def _load_cs_and_config(checkpoint: Path, config: Optional[Path]) -> tuple:
+    """(state, cfg, model_section, expected shapes) with every key and shape checked against the config."""
+    state, params = load_cs_checkpoint(checkpoint)
+    if config is not None:
+        model_section, config_name = read_cs_yaml(config), str(config)
+    elif isinstance(params, Mapping) and isinstance(params.get("model"), Mapping):
+        model_section, config_name = dict(params["model"]), f"{checkpoint} (__metadata__ params)"
+    else:
+        raise ConversionError(f"{checkpoint} carries no params; pass the CS yaml with --config")
+    cfg = parse_cs_config(model_section)
+    expected = expected_cs_shapes(cfg)
+    head = "text_model.lm_head.weight"
+    unknown = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state and not (k == head and cfg.text_model.share_embedding_weights)]
+    wrong = [f"{k} {list(state[k].shape)} (config: {list(expected[k])})"
+             for k in state if k in expected and tuple(state[k].shape) != expected[k]]
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} key(s) the model has no parameter for: {', '.join(unknown[:10])}")
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) missing: {', '.join(missing[:10])}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): {', '.join(wrong[:10])}")
+    if problems:
+        raise ConversionError(f"{checkpoint} does not match the model of {config_name}:\n  " + "\n  ".join(problems))
+    return state, cfg, model_section, expected
+
+
+def _cs_tensors(state: dict, expected: dict, cfg, progress: bool, desc: str) -> Iterator:
+    """Pop CS tensors in model order (each is released once its shard is written); a tied lm_head is skipped
+    (HF re-ties it), after checking that it really equals the embeddings."""
+    from tqdm import tqdm
+
+    emb, head = "text_model.embedding_layer.word_embeddings.weight", "text_model.lm_head.weight"
+    if cfg.text_model.share_embedding_weights and head in state:
+        if not _same(state[head], state[emb]):
+            raise ConversionError("share_embedding_weights is true but text_model.lm_head.weight differs from the "
+                                  "word embeddings; set share_embedding_weights: false in the config")
+        del state[head]
+    keys = [k for k in expected if k in state]
+    for key in tqdm(keys, desc=desc, unit="tensor", disable=not progress):
+        yield key, state.pop(key)
+
+
+def _tokenizer_dir(opts: Options, checkpoint: Path, required: bool) -> Optional[Path]:
+    """--tokenizer-dir, else the checkpoint's own folder when it holds tokenizer files."""
+    if opts.tokenizer_dir is not None:
+        folder = Path(opts.tokenizer_dir)
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES[:2]):
+            raise ConversionError(f"--tokenizer-dir {folder}: no tokenizer.model or tokenizer.json there")
+        return folder
+    folder = Path(checkpoint).resolve().parent
+    if any((folder / name).is_file() for name in TOKENIZER_FILES[:2]):
+        return folder
+    if required:
+        raise ConversionError("the llava-hf format needs the tokenizer: pass --tokenizer-dir with the Vicuna/LLaVA "
+                              "tokenizer files (tokenizer.model or tokenizer.json)")
+    return None
+
+
+def convert_cs_to_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, opts: Options = Options()) -> list:
+    """cs-2.2 .mdl + yaml -> OUT/image_model/ (CLIPVisionModel) + OUT/text_model/ (LLaVA), sharded."""
+    state, cfg, _, expected = _load_cs_and_config(Path(checkpoint), config)
+    out_dir = Path(out_dir)
+    dtype = opts.dtype or _dtype_name(state["text_model.embedding_layer.word_embeddings.weight"])
+    image_dir, text_dir = out_dir / "image_model", out_dir / "text_model"
+    writers = {"image": ShardedWriter(image_dir, opts.shard_bytes, opts.safetensors),
+               "text": ShardedWriter(text_dir, opts.shard_bytes, opts.safetensors)}
+    # Configs first: they validate that the CS model is expressible in the LLaVA repo's terms.
+    clip_config = cs_to_hf_clip_config(cfg, dtype)
+    text_config = cs_to_hf_text_config(cfg, str(image_dir.resolve()), dtype)
+    mapper = KeyMapper(False, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)))
+    for key, tensor in _cs_tensors(state, expected, cfg, opts.progress, "cs -> hf"):
+        for hf_key, value in mapper.convert(key, tensor):
+            writers["image" if hf_key.startswith(CLIP_HF_PREFIX) else "text"].add(hf_key, _cast(value, opts.dtype))
+    mapper.finish(("clip", "llama", "projector"))
+    written = writers["image"].close() + writers["text"].close()
+    _write_json(image_dir / "config.json", clip_config)
+    _write_json(image_dir / "preprocessor_config.json", preprocessor_config(cfg))
+    _write_json(text_dir / "config.json", text_config)
+    tokenizer = _tokenizer_dir(opts, Path(checkpoint), required=False)
+    if tokenizer is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer / name).is_file():
+                shutil.copy2(tokenizer / name, text_dir / name)
+    else:
+        print(f"No tokenizer files copied into {text_dir} (pass --tokenizer-dir); the LLaVA repo needs them",
+              file=sys.stderr)
+    return written + [image_dir / "config.json", text_dir / "config.json"]
+
+
+# Our chat template: LLaVA-1.5's training format (conv_vicuna_v1, the one the phase-2 data uses), not llava-hf's
+# shorter one, so prompts at inference match training: SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: ...
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system=\"A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.\", turn=0) -%}"
+    "{%- for message in messages if message['role'] == 'system' -%}"
+    "{%- set ns.system = message['content'] if message['content'] is string else "
+    "(message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ')) -%}"
+    "{%- endfor -%}"
+    "{{- ns.system -}}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set images = 0 -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- (' ' if ns.turn == 0 else '') + 'USER: ' -}}"
+    "{%- for _ in range(images) -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{{- text -}}"
+    "{%- else -%}"
+    "{{- ' ASSISTANT: ' + text + '</s>' -}}"
+    "{%- endif -%}"
+    "{%- set ns.turn = ns.turn + 1 -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
+)
+IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
+
+
+def llava_tokenizer(folder: Path):
+    """The text tokenizer with llava-hf's additions: `<image>` (special) and a `<pad>` pad token."""
+    from transformers import AddedToken, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    vocab = tok.get_vocab()
+    if IMAGE_TOKEN not in vocab:
+        tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if PAD_TOKEN not in vocab:
+        tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
+    else:
+        tok.pad_token = PAD_TOKEN
+    return tok
+
+
+def grow_rows(t, rows: int):
+    """Append rows (new tokens) set to the mean of the existing ones; unused by the image path, harmless for pad."""
+    import torch
+
+    if t.shape[0] >= rows:
+        return t
+    mean = t.float().mean(0, keepdim=True).to(t.dtype)
+    return torch.cat((t, mean.expand(rows - t.shape[0], -1)))
+
+
+def convert_cs_to_llava_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, opts: Options = Options()) -> list:
+    """cs-2.2 .mdl + yaml -> a llava-hf folder (weights, config, tokenizer with <image>/<pad>, processor)."""
+    from transformers import LlavaImageProcessor, LlavaProcessor
+
+    state, cfg, _, expected = _load_cs_and_config(Path(checkpoint), config)
+    tok = llava_tokenizer(_tokenizer_dir(opts, Path(checkpoint), required=True))
+    vocab = cfg.text_model.vocab_size
+    rows = vocab if len(tok) <= vocab else math.ceil(len(tok) / 64) * 64  # as llava-hf: 32000 + 2 -> 32064
+    if rows != vocab:
+        print(f"Growing embeddings and lm_head from {vocab} to {rows} rows for {IMAGE_TOKEN} and {PAD_TOKEN}",
+              file=sys.stderr)
+    dtype = opts.dtype or _dtype_name(state["text_model.embedding_layer.word_embeddings.weight"])
+    hf_config = cs_to_llava_hf_config(cfg, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id, dtype)
+    hf_config["text_config"]["vocab_size"] = rows
+    out_dir = Path(out_dir)
+    writer = ShardedWriter(out_dir, opts.shard_bytes, opts.safetensors)
+    mapper = KeyMapper(False, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)))
+    for key, tensor in _cs_tensors(state, expected, cfg, opts.progress, "cs -> llava-hf"):
+        for hf_key, value in mapper.convert(key, tensor):
+            if hf_key in ("model.embed_tokens.weight", "lm_head.weight"):
+                value = grow_rows(value, rows)
+            writer.add(hf_to_llava_hf_key(hf_key), _cast(value, opts.dtype))
+    mapper.finish(("clip", "llama", "projector"))
+    written = writer.close()
+    _write_json(out_dir / "config.json", hf_config)
+    size = _square(cfg.image_model.image_size, "model.image_model.image_size")
+    # do_pad: expand to a square in the mean colour first, as the training transforms (expand_to_square) do.
+    image_processor = LlavaImageProcessor(do_pad=True, size={"shortest_edge": size},
+                                          crop_size={"height": size, "width": size}, resample=3,
+                                          image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok,
+                               patch_size=_square(cfg.image_model.patch_size, "model.image_model.patch_size"),
+                               vision_feature_select_strategy=hf_config["vision_feature_select_strategy"],
+                               chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+    processor.save_pretrained(str(out_dir))
+    return written + [out_dir / "config.json"]
+
+
+# ==============================================================================================
+# 7. Command line
+# ==============================================================================================
+
+CS_FORMATS = tuple(f"cs-2.{i}" for i in range(2, 10)) + ("cs-current", "cs-auto")  # one mapping for all (spec 9)
+FORMATS = ("hf", "llava-hf") + CS_FORMATS
+CONVERSIONS = {  # (src, tgt) -> note for `list`
+    ("hf", "cs"): "DIR/image_model/ (CLIP: CLIPModel or CLIPVisionModel config + weights) and DIR/text_model/ "
+                  "(LLaVA config.json with mm_* fields, Llama/Vicuna weights, sharded .bin or .safetensors). "
+                  "Pass DIR as --config and as the checkpoint. No mm_projector weights (plain Vicuna): a fresh "
+                  "projector is created. Writes pytorch_model_to_cs-2.2.mdl + config_to_cs-2.2.yaml.",
+    ("cs", "hf"): "A run.py checkpoint (.mdl, with or without the `model.` prefix) + its params yaml as --config. "
+                  "Writes OUT/image_model/ and OUT/text_model/ (mm_vision_tower -> OUT/image_model); rename "
+                  "text_model to a name containing 'llava' for the LLaVA repo. --tokenizer-dir copies tokenizer files.",
+    ("llava-hf", "cs"): "A transformers LlavaForConditionalGeneration folder (config.json + weights).",
+    ("cs", "llava-hf"): "Writes a folder LlavaForConditionalGeneration/AutoProcessor load; needs --tokenizer-dir "
+                        "(adds <image> and <pad>, grows the embeddings to a multiple of 64).",
+}
+
+
+def _kind(fmt: str) -> str:
+    return "cs" if fmt in CS_FORMATS else fmt
+
+
+def _cs_name(fmt: str) -> str:
+    """Output file suffix: the named cs version, cs-current/cs-auto -> cs-2.2 (the layout all versions share)."""
+    return "cs-2.2" if fmt in ("cs-current", "cs-auto") else fmt
+
+
+def cmd_list(args) -> int:
+    cs = "cs-2.2 ... cs-2.9"
+    rows = [("llava", cs if src == "cs" else src, cs if tgt == "cs" else tgt, note)
+            for (src, tgt), note in CONVERSIONS.items()]
+    if args.model not in ("all", "llava"):
+        print(f"No converters for model {args.model!r}; models: llava")
+        return 1
+    widths = [max(len(r[i]) for r in rows + [("model", "src-fmt", "tgt-fmt", "")]) for i in range(3)]
+    print("  ".join(h.ljust(w) for h, w in zip(("model", "src-fmt", "tgt-fmt"), widths))
+          + ("" if args.hide_notes else "  notes"))
+    for row in rows:
+        line = "  ".join(c.ljust(w) for c, w in zip(row[:3], widths))
+        print(line + ("" if args.hide_notes else "  " + row[3]))
+    return 0
+
+
+def _options(args) -> Options:
+    return Options(shard_bytes=parse_size(args.hf_shard_size), safetensors=args.export_safetensors,
+                   dtype=args.dtype, progress=not args.no_progress_bar, strict=not args.drop_unmatched_keys,
+                   tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else None, seed=args.seed)
+
+
+def _check_pair(src: str, tgt: str) -> tuple:
+    pair = (_kind(src), _kind(tgt))
+    if pair not in CONVERSIONS:
+        supported = ", ".join(f"{a}->{b}" for a, b in CONVERSIONS)
+        raise ConversionError(f"--src-fmt {src} --tgt-fmt {tgt} is not supported; supported: {supported} "
+                              "(go through cs-2.2 for hf <-> llava-hf)")
+    if tgt == "cs-auto":
+        raise ConversionError("--tgt-fmt cs-auto is only a source format; use cs-2.2 or cs-current")
+    return pair
+
+
+def cmd_convert(args) -> int:
+    pair = _check_pair(args.src_fmt, args.tgt_fmt)
+    opts = _options(args)
+    src = Path(args.checkpoint)
+    if not src.exists():
+        raise ConversionError(f"{src}: not found")
+    if pair[0] != "cs" and src.is_file():
+        raise ConversionError(f"{src} is a file; --src-fmt {args.src_fmt} expects a folder "
+                              f"(a single .mdl file is --src-fmt cs-2.2)")
+    default_out = src if src.is_dir() else src.parent
+    out = Path(args.output_dir) if args.output_dir else default_out
+    config = Path(args.config) if args.config else (src if pair[0] != "cs" else None)
+    start = time.time()
+    if pair == ("hf", "cs"):
+        ckpt, cfg = convert_hf_to_cs(src, config, out, _cs_name(args.tgt_fmt), opts)
+        saved, configs = [ckpt], [cfg]
+    elif pair == ("llava-hf", "cs"):
+        ckpt, cfg = convert_llava_hf_to_cs(src, config, out, _cs_name(args.tgt_fmt), opts)
+        saved, configs = [ckpt], [cfg]
+    elif pair == ("cs", "hf"):
+        convert_cs_to_hf(src, config, out, opts)
+        saved, configs = [out / "image_model", out / "text_model"], [out / "image_model" / "config.json",
+                                                                      out / "text_model" / "config.json"]
+    else:
+        convert_cs_to_llava_hf(src, config, out, opts)
+        saved, configs = [out], [out / "config.json"]
+    print(f"Checkpoint saved to {', '.join(map(str, saved))}")
+    print(f"Config saved to {', '.join(map(str, configs))}")
+    print(f"({time.time() - start:.1f} s)")
+    return 0
+
+
+def cmd_convert_config(args) -> int:
+    pair = _check_pair(args.src_fmt, args.tgt_fmt)
+    src = Path(args.config_file)
+    out = Path(args.output_dir) if args.output_dir else (src if src.is_dir() else src.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    if pair[1] == "cs":
+        if pair[0] == "hf":
+            section = hf_configs_to_cs(*read_hf_configs(src))
+        else:
+            section = llava_hf_config_to_cs(read_json(_llava_hf_config_path(src)))
+        parse_cs_config(section)  # the converted section must be one run.py accepts
+        path = out / f"config_to_{_cs_name(args.tgt_fmt)}.yaml"
+        _write_yaml(path, {"model": section})
+        written = [path]
+    else:
+        cfg = parse_cs_config(read_cs_yaml(src))
+        if pair[1] == "hf":
+            (out / "image_model").mkdir(exist_ok=True)
+            (out / "text_model").mkdir(exist_ok=True)
+            written = [out / "image_model" / "config.json", out / "image_model" / "preprocessor_config.json",
+                       out / "text_model" / "config.json"]
+            _write_json(written[0], cs_to_hf_clip_config(cfg))
+            _write_json(written[1], preprocessor_config(cfg))
+            _write_json(written[2], cs_to_hf_text_config(cfg, str((out / "image_model").resolve())))
+        else:  # without a tokenizer, assume llava-hf's: <image> = vocab, <pad> = vocab + 1
+            vocab = cfg.text_model.vocab_size
+            hf_config = cs_to_llava_hf_config(cfg, vocab, vocab + 1)
+            hf_config["text_config"]["vocab_size"] = math.ceil((vocab + 2) / 64) * 64
+            written = [out / "config.json"]
+            _write_json(written[0], hf_config)
+    print(f"Config saved to {', '.join(map(str, written))}")
+    return 0
+
+
+def _load_any(path: Path) -> dict:
+    """A state dict from a .mdl/.bin/.safetensors file or an HF folder (all shards)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix in (".bin", ".safetensors"):
+            return load_weight_file(path)
+        return load_cs_checkpoint(path)[0]
+    state = {}
+    for sub in ([path] if guess_format(path) != "hf" else [path / "image_model", path / "text_model"]):
+        for f in find_weight_files(sub):
+            state.update(load_weight_file(f))
+    return state
+
+
+def cmd_diff(args) -> int:
+    import torch
+
+    left, right = _load_any(Path(args.left)), _load_any(Path(args.right))
+    only_left = sorted(set(left) - set(right))
+    only_right = sorted(set(right) - set(left))
+    differ = []
+    for key in sorted(set(left) & set(right)):
+        a, b = left[key], right[key]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            differ.append(f"{key}: {list(a.shape)} {a.dtype} vs {list(b.shape)} {b.dtype}")
+        elif not (torch.equal(a, b) if args.tensor_comparison_op == "equal" else torch.allclose(a.float(), b.float())):
+            differ.append(f"{key}: values differ (max abs {float((a.float() - b.float()).abs().max()):.3g})")
+    for title, items in (("only in left", only_left), ("only in right", only_right), ("different", differ)):
+        if items:
+            print(f"{len(items)} {title}:\n  " + "\n  ".join(items[:50]))
+    same = not (only_left or only_right or differ)
+    print(f"{len(set(left) & set(right))} common keys; " + ("identical" if same else "checkpoints differ"))
+    return 0 if same else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list supported conversions")
+    p.add_argument("model", nargs="?", default="all")
+    p.add_argument("--hide-notes", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (and its config)")
+    p.add_argument("checkpoint", help="source checkpoint: hf/llava-hf folder or cs .mdl file")
+    p.add_argument("--model", required=True, choices=["llava"])
+    p.add_argument("--src-fmt", required=True, choices=FORMATS)
+    p.add_argument("--tgt-fmt", required=True, choices=FORMATS)
+    p.add_argument("--config", help="hf/llava-hf: the source folder (default: the checkpoint); cs: the params yaml")
+    p.add_argument("--output-dir", help="default: the checkpoint's folder")
+    p.add_argument("--hf-shard-size", default="10GB", help="max shard size of hf/llava-hf output (default 10GB)")
+    p.add_argument("--export-safetensors", action="store_true", help="write .safetensors instead of .bin")
+    p.add_argument("--dtype", choices=DTYPES, help="cast floating tensors (default: keep the checkpoint's dtype)")
+    p.add_argument("--tokenizer-dir", help="tokenizer files for hf (copied) / llava-hf (required) output")
+    p.add_argument("--drop-unmatched-keys", action="store_true", help="drop (and list) unknown source keys "
+                   "instead of failing")
+    p.add_argument("--seed", type=int, default=0, help="seed of a fresh projector (plain Vicuna input)")
+    p.add_argument("--no-progress-bar", "--no_progress", dest="no_progress_bar", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback on failure")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("convert-config", help="convert a config only (no weights)")
+    p.add_argument("config_file", help="hf: the folder with image_model/ text_model/; llava-hf: folder or "
+                   "config.json; cs: the params yaml")
+    p.add_argument("--model", required=True, choices=["llava"])
+    p.add_argument("--src-fmt", required=True, choices=FORMATS)
+    p.add_argument("--tgt-fmt", required=True, choices=FORMATS)
+    p.add_argument("--output-dir")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_convert_config)
+
+    p = sub.add_parser("diff", help="compare two checkpoints key by key")
+    p.add_argument("left")
+    p.add_argument("right")
+    p.add_argument("--tensor_comparison_op", "--tensor-comparison-op", choices=["equal", "allclose"],
+                   default="equal")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_diff)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConversionError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"Conversion failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
