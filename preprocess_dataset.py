@@ -46,7 +46,7 @@ import random
 import string
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
 
 IMAGE_TOKEN = "<image>"
@@ -829,7 +829,9 @@ def convert_synthdog_en(input_dir, output_jsonl_dir, output_image_dir, image_pre
                         except BadRecord as err:
                             report.skip(err, f"{path.name} row {row - 1} (id {row_id})")
                             continue
-                        keep.append(i), ids.append(row_id), out.append(record)
+                        keep.append(i)
+                        ids.append(row_id)
+                        out.append(record)
                         yield record
                     sidecar.write(batch, keep, ids, out)
                     if bar is not None:
@@ -860,7 +862,7 @@ def arxivcap_records(caption_images, image_prefix: str, report: Report, save: Ca
         if len(pairs) == 1:
             image_file = safe_relpath(pairs[0]["image_file"])
             records.append(llava_record(
-                PurePosix(image_file).stem,
+                PurePosixPath(image_file).stem,
                 posixpath.join(image_prefix, image_file),
                 ARXIVCAP_QUESTIONS["Single-Figure Captioning"],
                 field(entry, "caption"),
@@ -868,12 +870,6 @@ def arxivcap_records(caption_images, image_prefix: str, report: Report, save: Ca
         else:
             report.note("multi-figure captions (not converted, as in Cerebras)")
     return records
-
-
-def PurePosix(path: str):
-    from pathlib import PurePosixPath
-
-    return PurePosixPath(path)
 
 
 def convert_arxivcap(input_dir, output_jsonl_dir, output_image_dir, image_prefix, *, output_parquet_dir=None,
@@ -911,7 +907,9 @@ def convert_arxivcap(input_dir, output_jsonl_dir, output_image_dir, image_prefix
                         except BadRecord as err:
                             report.skip(err, f"{path.name} row {row - 1}")
                             continue
-                        keep.append(i), ids.append(str(row - 1)), out.append(recs)
+                        keep.append(i)
+                        ids.append(str(row - 1))
+                        out.append(recs)
                         yield from recs
                     sidecar.write(batch, keep, ids, out)
                     if bar is not None:
