@@ -1208,7 +1208,14 @@ def generate_split(split: str, n_images: int, out_dir: Path, image_size: int, se
 
 def make_synthetic_shapes(output_dir, *, num_train=2000, num_eval=200, image_size=64, seed=0, vocab_size=1000,
                           progress=True) -> dict:
-    """Write the demo dataset (layout in the module docstring of this section) and return its manifest."""
+    """Write the demo dataset and return its manifest. Layout under `output_dir`:
+
+        images/{train,eval}/<n>.png            image root = images/; records hold "train/000001.png"
+        phase1/{train,eval}/data.jsonl         LCS-558K style caption records
+        phase2/{train,eval}/data.jsonl         mix665k style questions (single, multi-turn, text-only)
+        tokenizer/                             write_llama_tokenizer over every text + vicuna_v1 prompt
+        manifest.json                          counts, seed, image_size, question types and answers
+    """
     if num_train < 1 or num_eval < 1:
         raise UsageError(f"--num_train and --num_eval must be >= 1 (got {num_train}, {num_eval})")
     if image_size < 16:
