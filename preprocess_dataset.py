@@ -184,6 +184,10 @@ def progress_bar(iterable, progress: bool, desc: str, total: int | None = None, 
     return tqdm(iterable, desc=desc, total=total, unit=unit, mininterval=0.5, leave=False)
 
 
+class _NothingToWrite(Exception):
+    """Raised inside atomic_output when no record came, so that no empty file is put in place."""
+
+
 def write_jsonl(path: Path, records: Iterable[dict], report: Report) -> int:
     """Write records one per line (json.dumps defaults, as Cerebras); an empty result leaves no file."""
     n = 0
@@ -197,10 +201,6 @@ def write_jsonl(path: Path, records: Iterable[dict], report: Report) -> int:
     report.written += n
     report.outputs.append(path)
     return n
-
-
-class _NothingToWrite(Exception):
-    pass
 
 
 def write_jsonl_or_note(path: Path, records: Iterable[dict], report: Report) -> int:
@@ -575,7 +575,8 @@ def convert_infographics_docvqa(dataset_folder, *, output_dir=None, image_root=N
     jobs = []
     for s in INFOGRAPHICS_SPLITS:
         stem = f"infographicsVQA_{s}"
-        jobs.append((f"{stem}.json", f"{stem}_llava_jsonl/{stem}_llava.jsonl", lambda i, item: infographics_record(item)))
+        jobs.append((f"{stem}.json", f"{stem}_llava_jsonl/{stem}_llava.jsonl",
+                     lambda i, item: infographics_record(item)))
     return _convert_json_files("infographics_docvqa", dataset_folder, jobs, top_key="data", id_key="questionId",
                                output_dir=output_dir, image_root=image_root, strict=strict, progress=progress)
 
@@ -765,7 +766,8 @@ def synthdog_record(row_id: str, ground_truth, question: str, image_prefix: str)
     try:
         text = json.loads(ground_truth)["gt_parse"]["text_sequence"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise BadRecord("ground_truth without gt_parse.text_sequence", f"{type(err).__name__}: {ground_truth[:80]!r}") from None
+        raise BadRecord("ground_truth without gt_parse.text_sequence",
+                        f"{type(err).__name__}: {ground_truth[:80]!r}") from None
     if not isinstance(text, str):
         raise BadRecord("ground_truth without gt_parse.text_sequence", f"text_sequence is {text!r:.60}")
     return llava_record(row_id, posixpath.join(image_prefix, f"{row_id}.png"), question, text)
@@ -784,7 +786,8 @@ def iter_parquet_batches(path: Path, columns: list[str] | None, required: list[s
         pf = pq.ParquetFile(path)
         missing = [c for c in required if c not in pf.schema_arrow.names]
         if missing:
-            raise BadRecord("parquet file without the expected columns", f"missing {missing}, has {pf.schema_arrow.names}")
+            raise BadRecord("parquet file without the expected columns",
+                            f"missing {missing}, has {pf.schema_arrow.names}")
         yield pf.metadata.num_rows
         for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
             yield batch
