@@ -917,7 +917,7 @@ class ShardedWriter:
     def _flush(self) -> None:
         if not self.current:
             return
-        tmp = self.folder / f".tmp-shard-{len(self.written) + 1:05d}"
+        tmp = self.folder / f"partial-shard-{len(self.written) + 1:05d}.tmp"
         tensors = {k: _own_storage(v) for k, v in self.current.items()}
         if self.safetensors:
             from safetensors.torch import save_file
