@@ -1,0 +1,940 @@
+"""Train and evaluate LLaVA on CSX (cerebras.pytorch), GPU (one or many through torchrun) or CPU.
+
+    python run.py CPU --mode train --params configs/params_llava_tiny_phase1.yaml --model_dir model_dir/p1
+    python run.py GPU --mode train --params configs/params_llava_v1p5_pretrain_7b_phase1_MSL2K.yaml \
+        --model_dir model_dir/p1 --checkpoint_path converted/pytorch_model_to_cs-2.2.mdl
+    torchrun --nproc_per_node 8 run.py GPU --mode train --params configs/...phase2_MSL2K.yaml \
+        --model_dir model_dir/p2 --checkpoint_path model_dir/p1/checkpoint_2180.mdl
+    python run.py CSX --mode train --params ... --model_dir ... --mgmt_address HOST:PORT --num_csx 1 \
+        --mount_dirs /data --python_paths $PWD
+    python run.py CPU --mode eval --params ... --model_dir model_dir/p2            # latest checkpoint
+    python run.py CPU --mode train --params ... --model_dir D runconfig.max_steps=10 train_input.batch_size=8
+
+Modes: train, eval, train_and_eval (eval every runconfig.eval_frequency steps and at the end).
+Trailing KEY=VALUE arguments override yaml values (VALUE parsed as yaml). The resolved config is saved as
+model_dir/params_<mode>.yaml and inside every checkpoint.
+
+Checkpoints: model_dir/checkpoint_<step>.mdl (torch.save dict: model (CS names, `model.` prefix), optimizer,
+lr_scheduler, global_step, dataloader position, __metadata__ with the config), every runconfig.checkpoint_steps
+and at the end, keeping the newest runconfig.max_checkpoints (alias keep_checkpoints, default 3). A run resumes
+from --checkpoint_path or the newest checkpoint in model_dir; `load_checkpoint_states: model` takes the weights
+only (phase 2 from phase 1). Converted checkpoints (keys without `model.`) load into the inner Llava module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+log = logging.getLogger("run")
+
+# ----------------------------------------------------------------------------------------------
+# Config sections (2.2.0 grammar). IGNORED: keys Cerebras accepts that have no effect here.
+
+
+@dataclass
+class InputConfig:
+    data_dir: Union[str, List[str]] = ""  # H5 directory (or list) from create_hdf5_dataset.py
+    img_data_dir: Optional[str] = None  # image root; H5 img_path entries are relative to it
+    batch_size: int = 1  # global batch per optimizer step, across all GPUs / systems
+    micro_batch_size: Optional[int] = None  # per-device batch; gradient accumulation fills batch_size
+    image_data_size: List[int] = field(default_factory=lambda: [3, 336, 336])  # [C, H, W] fed to the ViT
+    transforms: Optional[List[dict]] = None  # image transforms (create_hdf5_dataset.build_transforms)
+    mixed_precision: bool = False  # images in fp16_type (and bf16 autocast on GPU)
+    fp16_type: str = "bfloat16"  # bfloat16, cbfloat16 (CSX; bfloat16 elsewhere) or float16
+    shuffle: bool = False  # reshuffle every epoch (seeded by shuffle_seed + epoch)
+    shuffle_seed: int = 0  # order seed; resuming checks it
+    drop_last: bool = True  # accepted for compatibility: training always uses whole batches
+    num_workers: int = 0  # DataLoader worker processes
+    prefetch_factor: Optional[int] = None  # batches prefetched per worker
+    persistent_workers: bool = True  # keep workers between epochs (only with num_workers > 0)
+    on_bad_image: str = "error"  # "error" or "text_only" (count and mask a missing/corrupt image)
+
+    IGNORED = ("data_processor", "bos_token_id", "pad_token_id", "use_worker_cache", "noaugment", "sort_files",
+               "vocab_size", "patch_size", "prepend_cls_token", "num_patches")
+    REQUIRED_VALUES = {}
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer_type: str = "AdamW"  # AdamW (Cerebras formula) or SGD
+    learning_rate: Any = 1e-3  # a number, or a list of schedules run one after another (SequentialLR)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-6  # AdamW epsilon (Cerebras default 1e-6; the LLaVA configs set 1e-8)
+    weight_decay: float = 0.0  # decoupled weight decay
+    correct_bias: bool = True  # AdamW bias correction
+    momentum: float = 0.0  # SGD momentum
+    max_gradient_norm: Optional[float] = None  # clip the global grad norm (every backend)
+    loss_scaling_factor: Any = 1.0  # float16 / CSX loss scaling: a number or "dynamic"
+    log_summaries: bool = False  # log per-layer grad norms to TensorBoard
+
+    IGNORED = ("initial_loss_scale", "steps_per_increase", "min_loss_scale", "max_loss_scale",
+               "max_gradient_value", "adjust_learning_rate", "grad_accum_steps")
+    REQUIRED_VALUES = {}
+
+
+@dataclass
+class RunConfig:
+    max_steps: int = 10  # optimizer steps to train (counted from global step 0)
+    log_steps: int = 10  # log every N steps
+    checkpoint_steps: int = 0  # checkpoint every N steps (0: only at the end)
+    eval_steps: Optional[int] = None  # eval batches per evaluation (None: one pass over eval_input)
+    eval_frequency: Optional[int] = None  # train_and_eval: evaluate every N steps
+    max_checkpoints: int = 3  # keep the newest N checkpoints of this run
+    keep_checkpoints: Optional[int] = None  # alias of max_checkpoints
+    seed: int = 1  # torch seed for initialisation
+    load_checkpoint_states: Optional[str] = None  # "model" (weights only) or a comma list; None: all present
+    autoload_last_checkpoint: bool = True  # resume from the newest checkpoint in model_dir
+    disable_strict_checkpoint_loading: bool = False  # allow missing/unexpected keys
+    check_loss_values: bool = True  # stop on NaN/inf loss
+    trim_batches: bool = True  # GPU/CPU: cut every batch to its longest real sequence
+    distributed_strategy: str = "ddp"  # multi-GPU/CPU: "ddp" or "fsdp" (full shard, for 7B/13B phase 2)
+    activation_checkpointing: bool = False  # recompute layers in backward (less memory)
+    precision: Optional[str] = None  # GPU/CPU override: "bf16", "fp16" or "fp32" (default: from mixed_precision)
+
+    IGNORED = ("num_csx", "mgmt_address", "mount_dirs", "python_paths", "compile_only", "validate_only",
+               "job_labels", "compile_dir", "num_workers_per_csx", "precision_opt_level", "logging",
+               "save_initial_checkpoint", "summary_dir", "log_input_summaries", "dump_activations",
+               "enable_distributed", "dist_backend", "init_method", "main_process_id", "sync_batchnorm",
+               "num_epochs", "steps_per_epoch", "num_steps", "target_device", "mode", "model_dir",
+               "checkpoint_path", "use_cs_grad_accum", "job_priority", "credentials_path", "wsc_log_level")
+    REQUIRED_VALUES = {}
+
+
+SECTIONS = {"train_input": InputConfig, "eval_input": InputConfig, "optimizer": OptimizerConfig,
+            "runconfig": RunConfig}
+
+
+def apply_overrides(params: dict, overrides: List[str]) -> dict:
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"Override {item!r} must look like section.key=value (e.g. runconfig.max_steps=10)")
+        path, value = item.split("=", 1)
+        keys = path.split(".")
+        node = params
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = yaml.safe_load(value)
+    return params
+
+
+def load_params(path: str, overrides: List[str]) -> dict:
+    import yaml
+
+    if not Path(path).is_file():
+        raise SystemExit(f"--params {path}: no such file")
+    with open(path) as f:
+        params = yaml.safe_load(f) or {}
+    unknown = set(params) - set(SECTIONS) - {"model"}
+    if unknown:
+        raise SystemExit(f"{path}: unknown top-level section(s) {sorted(unknown)}; valid: "
+                         f"{sorted(list(SECTIONS) + ['model'])}")
+    return apply_overrides(params, overrides)
+
+
+def parse_sections(params: dict):
+    import model as M
+
+    ignored: list = []
+    out = {}
+    for name, cls in SECTIONS.items():
+        if name in params:
+            out[name] = M._parse_section(cls, params[name], name, ignored)
+    out.setdefault("runconfig", RunConfig())
+    out.setdefault("optimizer", OptimizerConfig())
+    out["model"] = M.parse_model_config(params.get("model"))
+    rc = out["runconfig"]
+    if rc.keep_checkpoints is not None:
+        rc.max_checkpoints = rc.keep_checkpoints
+    if rc.distributed_strategy not in ("ddp", "fsdp"):
+        raise M.ConfigError(f"runconfig.distributed_strategy: {rc.distributed_strategy!r}; use 'ddp' or 'fsdp'")
+    if ignored:
+        log.info("Ignored config keys (no effect here): %s", ", ".join(ignored))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedules (Cerebras names and formulas)
+
+
+def make_adamw(params, lr, betas, eps, weight_decay, correct_bias):
+    import torch
+
+    class AdamW(torch.optim.Optimizer):
+        """cstorch AdamW: upd = m / (sqrt(v) + eps) [* sqrt(1-b2^t) / (1-b1^t)] + wd * p; p -= lr * upd."""
+
+        def __init__(self, params):
+            super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                          correct_bias=correct_bias))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                b1, b2 = group["betas"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["step"] += 1
+                    m, v = state["exp_avg"], state["exp_avg_sq"]
+                    m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                    update = m / (v.sqrt() + group["eps"])
+                    if group["correct_bias"]:
+                        t = state["step"].item()
+                        update.mul_(math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
+                    if group["weight_decay"]:
+                        update.add_(p, alpha=group["weight_decay"])
+                    p.add_(update, alpha=-group["lr"])
+
+    return AdamW(params)
+
+
+def make_optimizer(cfg: OptimizerConfig, params):
+    import torch
+
+    base_lr = lr_schedule(cfg.learning_rate)(0)
+    if cfg.optimizer_type.lower() == "adamw":
+        return make_adamw(params, base_lr, cfg.betas, cfg.eps, cfg.weight_decay, cfg.correct_bias)
+    if cfg.optimizer_type.lower() == "sgd":
+        return torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise SystemExit(f"optimizer.optimizer_type: {cfg.optimizer_type!r}; use 'AdamW' or 'SGD'")
+
+
+def _one_schedule(spec: dict, where: str):
+    """lr(t) for one Cerebras scheduler entry, t local to it; returns (fn, total_iters)."""
+    name = str(spec.get("scheduler", "")).lower()
+    name = name[:-2] if name.endswith("lr") else name
+    init = spec.get("initial_learning_rate", spec.get("learning_rate"))
+    end = spec.get("end_learning_rate", 0.0)
+    total = spec.get("total_iters", spec.get("decay_steps"))
+    if name == "linear":
+        return (lambda t: end + (init - end) * (1 - min(t, total) / total)), total
+    if name == "cosinedecay":
+        return (lambda t: end + (init - end) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))), total
+    if name == "constant":
+        return (lambda t: init), total
+    if name == "exponential":
+        rate = spec["decay_rate"]
+        return (lambda t: init * rate ** (t / total)), total
+    raise SystemExit(f"{where}.scheduler: {spec.get('scheduler')!r}; supported: Linear, CosineDecay, Constant, "
+                     "Exponential (optional 'LR' suffix)")
+
+
+def lr_schedule(learning_rate):
+    """Step -> lr. A list runs its schedules one after another; milestones are cumulative total_iters."""
+    if isinstance(learning_rate, (int, float)):
+        return lambda step: float(learning_rate)
+    specs = learning_rate if isinstance(learning_rate, list) else [learning_rate]
+    parts = [_one_schedule(s, f"optimizer.learning_rate[{i}]") for i, s in enumerate(specs)]
+
+    def lr_at(step):
+        start = 0
+        for i, (fn, total) in enumerate(parts):
+            if i == len(parts) - 1 or step < start + total:
+                return fn(step - start)
+            start += total
+
+    return lr_at
+
+
+class LRScheduler:
+    """Sets the optimizer's lr from lr_schedule every step (after optimizer.step, as cstorch)."""
+
+    def __init__(self, optimizer, learning_rate):
+        self.optimizer, self.fn, self.last_step = optimizer, lr_schedule(learning_rate), 0
+        self._apply()
+
+    def _apply(self):
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.fn(self.last_step)
+
+    def step(self):
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state):
+        self.last_step = state["last_step"]
+        self._apply()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def half_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "cbfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def make_dataset(cfg: InputConfig, model_cfg, image_dtype):
+    import create_hdf5_dataset as hd
+
+    im = model_cfg.image_model
+    # The ViT's input size wins over the yaml's image_data_size, as Cerebras' set_input_defaults does.
+    size = (im.num_channels, *im.image_size)
+    dirs = cfg.data_dir if isinstance(cfg.data_dir, list) else [cfg.data_dir]
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise SystemExit(f"data_dir {d}: no such directory (create it with create_hdf5_dataset.py)")
+    return hd.LlavaH5Dataset(cfg.data_dir, cfg.img_data_dir, cfg.transforms, image_data_size=size,
+                             dtype=image_dtype, on_bad_image=cfg.on_bad_image)
+
+
+def check_data_against_model(dataset, model_cfg, where: str) -> None:
+    """The H5 data must match the model: image slots, sequence length, vocabulary."""
+    dp = dataset.data_params or {}
+    patch_info = dp.get("image_patch_info") or {}
+    start = patch_info.get("image_patch_start_idx")
+    errors = []
+    if start is not None and int(start) != model_cfg.image_start_idx:
+        errors.append(f"model.image_start_idx is {model_cfg.image_start_idx} but the data in {where} places the "
+                      f"image at {start} (data_params.json image_patch_start_idx): set model.image_start_idx: {start}")
+    im = model_cfg.image_model
+    tokens = (im.image_size[0] // im.patch_size[0]) * (im.image_size[1] // im.patch_size[1])
+    tokens += model_cfg.image_feature_select_mode == "cls_patch"
+    num_patches = (dp.get("dataset") or {}).get("num_patches", dp.get("num_patches", patch_info.get("num_patches")))
+    if num_patches is not None and int(num_patches) != tokens:
+        errors.append(f"the data in {where} has {num_patches} image slots per sample but the model produces {tokens} "
+                      "image tokens (image_size/patch_size, image_feature_select_mode): regenerate the H5 with "
+                      f"dataset.num_patches: {tokens} or change model.image_model")
+    msl = dataset.max_sequence_length
+    if msl > model_cfg.text_model.max_position_embeddings:
+        errors.append(f"the data in {where} has sequence length {msl} > model.text_model.max_position_embeddings "
+                      f"{model_cfg.text_model.max_position_embeddings}")
+    vocab = (dp.get("post-process") or {}).get("vocab_size", dp.get("vocab_size"))
+    if vocab is not None and int(vocab) > model_cfg.text_model.vocab_size:
+        errors.append(f"the tokenizer of {where} has {vocab} tokens > model.text_model.vocab_size "
+                      f"{model_cfg.text_model.vocab_size}")
+    if errors:
+        raise SystemExit("Data/model mismatch:\n  - " + "\n  - ".join(errors))
+
+
+def make_loader(dataset, batch_size: int, sampler, cfg: InputConfig, drop_last: bool):
+    import torch
+
+    workers = cfg.num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+        prefetch_factor=(cfg.prefetch_factor or 2) if workers else None,
+        persistent_workers=cfg.persistent_workers and workers > 0, pin_memory=torch.cuda.is_available())
+
+
+SEQ_FEATURES = ("text_input_ids", "loss_mask", "labels", "key_padding_mask")
+
+
+def trim_batch(batch: dict, min_len: int, multiple: int = 8) -> dict:
+    """Cut sequence features to the longest real sequence (rounded up), never below the image slots."""
+    import torch
+
+    kpm = batch["key_padding_mask"]
+    seq = kpm.shape[1]
+    positions = (kpm == 0).int() * (1 + torch.arange(seq, device=kpm.device))
+    length = max(int(positions.max()), min_len)
+    length = min(seq, -(-length // multiple) * multiple)
+    if length == seq:
+        return batch
+    return {k: (v[:, :length] if k in SEQ_FEATURES else v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+CKPT_RE = re.compile(r"^checkpoint_(\d+)(?:_\d{8}_\d{6})?\.mdl$")
+
+
+def list_checkpoints(model_dir: Path) -> list:
+    found = [(int(m.group(1)), p) for p in model_dir.glob("checkpoint_*.mdl") if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found, key=lambda x: (x[0], x[1].stat().st_mtime))]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary name, then rename: a killed run never leaves a half checkpoint."""
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # cstorch H5 checkpoints, or a pickle that is not plain tensors
+        import h5py
+
+        if h5py.is_hdf5(path):
+            try:
+                import cerebras.pytorch as cstorch
+            except ImportError:
+                raise SystemExit(f"{path} was written by cerebras.pytorch (HDF5). Load it in the Cerebras environment "
+                                 "(pip install -r requirements-csx.txt) or convert it there: python "
+                                 "convert_checkpoint.py convert --model llava --src-fmt cs-2.2 --tgt-fmt cs-2.2 ...")
+            return cstorch.load(str(path), map_location="cpu")
+        raise SystemExit(f"Cannot load checkpoint {path}: {e}. Only torch.save/cstorch.save files with plain tensors "
+                         "are accepted (weights_only=True).") from None
+
+
+def model_state_for(module, state: dict) -> dict:
+    """Checkpoint weights for LlavaModel: converted checkpoints (no `model.` prefix) go to the inner Llava."""
+    if state and not all(k.startswith("model.") for k in state):
+        return {f"model.{k}": v for k, v in state.items()}
+    return state
+
+
+def load_model_weights(module, state: dict, strict: bool, path) -> None:
+    state = model_state_for(module, state)
+    result = module.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise SystemExit(f"Checkpoint {path} does not match the model: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). Check that "
+                         "--params describes the checkpoint's model, or set "
+                         "runconfig.disable_strict_checkpoint_loading: true")
+
+
+def states_to_load(spec: Optional[str]) -> Optional[set]:
+    if spec is None:
+        return None
+    valid = {"model", "optimizer", "lr_scheduler", "global_step", "dataloader", "grad_scaler"}
+    chosen = {s.strip() for s in str(spec).split(",") if s.strip()}
+    if chosen - valid:
+        raise SystemExit(f"load_checkpoint_states: unknown {sorted(chosen - valid)}; valid: {sorted(valid)}")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU / CPU training (plain PyTorch, DDP or FSDP through torchrun)
+
+
+class Runtime:
+    """Device, process group and precision for the GPU/CPU path."""
+
+    def __init__(self, target: str, rc: RunConfig, mixed_precision: bool, fp16_type: str):
+        import torch
+        import torch.distributed as dist
+
+        if target == "GPU" and not torch.cuda.is_available():
+            raise SystemExit("GPU requested but CUDA is not available (torch.cuda.is_available() is False); "
+                             "use `python run.py CPU ...` or install a CUDA build of torch")
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if target == "GPU":
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if target == "GPU" else "gloo")
+        precision = rc.precision or ("bf16" if mixed_precision and target == "GPU" else "fp32")
+        if precision == "bf16" and fp16_type == "float16" and not rc.precision:
+            precision = "fp16"
+        self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.cuda.amp.GradScaler() if precision == "fp16" else None
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def all_reduce(self, values: list) -> list:
+        """Sum floats across ranks (float64 on CPU tensors for gloo, on device for nccl)."""
+        import torch
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return values
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def wrap_model(llava, rt: Runtime, rc: RunConfig):
+    """DDP, FSDP (full shard, layers as units) or the bare module."""
+    import torch
+
+    llava.to(rt.device)
+    if rt.world_size == 1:
+        return llava
+    if rc.distributed_strategy == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        import modeling_llava as ml
+
+        return FSDP(llava, auto_wrap_policy=ModuleWrapPolicy({ml.LlamaDecoderLayer, ml.ViTEncoderLayer}),
+                    sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True,
+                    device_id=rt.device if rt.device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        llava, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+def full_state(wrapped, optimizer, rc: RunConfig, rt: Runtime):
+    """(model_state, optimizer_state) as full, unsharded, CPU dicts (called on every rank)."""
+    if rt.world_size > 1 and rc.distributed_strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(wrapped, options=opts),
+                get_optimizer_state_dict(wrapped, optimizer, options=opts))
+    module = getattr(wrapped, "module", wrapped)
+    return module.state_dict(), optimizer.state_dict()
+
+
+def set_optimizer_state(wrapped, optimizer, state, rc: RunConfig, rt: Runtime):
+    if rt.world_size > 1 and rc.distributed_strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def grad_norm_and_clip(wrapped, max_norm: Optional[float]):
+    import torch
+
+    params = [p for p in wrapped.parameters() if p.grad is not None]
+    if hasattr(wrapped, "clip_grad_norm_"):  # FSDP computes the norm over all shards
+        return float(wrapped.clip_grad_norm_(max_norm if max_norm else float("inf")))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
+
+
+class Logger:
+    """Console + TensorBoard + a jsonl of every logged step (model_dir/<mode>/metrics.jsonl)."""
+
+    def __init__(self, model_dir: Path, name: str, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.path = model_dir / name / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(model_dir / name))
+            except ImportError:
+                log.warning("tensorboard is not installed: no TensorBoard events")
+
+    def log(self, step: int, values: dict, console: str):
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            if self.writer is not None and isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        log.info(console)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def run_torch(args, params: dict, sections: dict) -> dict:
+    """GPU/CPU: train and/or evaluate; returns the last eval metrics (if any)."""
+    import torch
+
+    import model as M
+
+    rc: RunConfig = sections["runconfig"]
+    model_cfg = sections["model"]
+    if rc.activation_checkpointing:
+        model_cfg.activation_checkpointing = True
+    train_cfg: Optional[InputConfig] = sections.get("train_input")
+    eval_cfg: Optional[InputConfig] = sections.get("eval_input")
+    any_input = train_cfg or eval_cfg
+    rt = Runtime(args.target, rc, bool(any_input and any_input.mixed_precision), any_input.fp16_type
+                 if any_input else "bfloat16")
+    model_dir = Path(args.model_dir)
+    if rt.is_main:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(model_dir, params, args.mode)
+
+    torch.manual_seed(rc.seed)
+    llava = M.LlavaModel(model_cfg, sparse_logits=True)
+    if rt.is_main:
+        c = llava.parameter_counts()
+        log.info("Model: %s parameters, %s trainable, %s frozen", f"{c['total']:,}", f"{c['trainable']:,}",
+                 f"{c['frozen']:,}")
+
+    # ---- what to load
+    ckpt_path = Path(args.checkpoint_path) if args.checkpoint_path else None
+    if ckpt_path is None and rc.autoload_last_checkpoint:
+        existing = list_checkpoints(model_dir)
+        ckpt_path = existing[-1] if existing else None
+    ckpt = {}
+    if ckpt_path is not None:
+        if not ckpt_path.is_file():
+            raise SystemExit(f"--checkpoint_path {ckpt_path}: no such file")
+        ckpt = load_checkpoint_file(ckpt_path)
+        if "model" not in ckpt:
+            raise SystemExit(f"{ckpt_path} has no 'model' entry (keys: {sorted(ckpt)[:8]}); is it a LLaVA checkpoint?")
+        chosen = states_to_load(args.load_checkpoint_states or rc.load_checkpoint_states)
+        load_model_weights(llava, ckpt["model"], not rc.disable_strict_checkpoint_loading, ckpt_path)
+        if chosen is not None:
+            ckpt = {k: v for k, v in ckpt.items() if k in chosen}
+        if rt.is_main:
+            log.info("Loaded %s (states: %s)", ckpt_path, ", ".join(sorted(k for k in ckpt if k != "__metadata__")))
+
+    wrapped = wrap_model(llava, rt, rc)
+    results = {}
+    if args.mode in ("train", "train_and_eval"):
+        if train_cfg is None:
+            raise SystemExit(f"--mode {args.mode} needs a train_input section in {args.params}")
+        results = train_loop(args, rt, rc, sections, llava, wrapped, ckpt, ckpt_path, model_dir)
+    if args.mode == "eval":
+        if eval_cfg is None:
+            raise SystemExit(f"--mode eval needs an eval_input section in {args.params}")
+        step = int(ckpt.get("global_step", 0)) if ckpt else 0
+        results = evaluate(rt, rc, eval_cfg, model_cfg, llava, wrapped, step, model_dir)
+    rt.barrier()
+    return results
+
+
+def save_resolved_config(model_dir: Path, params: dict, mode: str):
+    import yaml
+
+    tmp = model_dir / f".params_{mode}.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(params, sort_keys=False))
+    os.replace(tmp, model_dir / f"params_{mode}.yaml")
+
+
+def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped, ckpt: dict, ckpt_path, model_dir):
+    import create_hdf5_dataset as hd
+    import torch
+    from tqdm import tqdm
+
+    cfg: InputConfig = sections["train_input"]
+    opt_cfg: OptimizerConfig = sections["optimizer"]
+    model_cfg = sections["model"]
+
+    # ---- batch geometry: global batch = world_size x micro batch x accumulation steps
+    micro = cfg.micro_batch_size or cfg.batch_size // rt.world_size
+    if micro < 1 or cfg.batch_size % (micro * rt.world_size):
+        raise SystemExit(f"train_input.batch_size {cfg.batch_size} must be a multiple of world_size "
+                         f"{rt.world_size} x micro_batch_size {micro}; change train_input.micro_batch_size")
+    accum = cfg.batch_size // (micro * rt.world_size)
+
+    image_dtype = half_dtype(cfg.fp16_type) if rt.autocast_dtype is not None else torch.float32
+    dataset = make_dataset(cfg, model_cfg, image_dtype)
+    check_data_against_model(dataset, model_cfg, cfg.data_dir)
+    if len(dataset) < cfg.batch_size:
+        raise SystemExit(f"train_input: {len(dataset)} samples in {cfg.data_dir} < batch_size {cfg.batch_size}")
+
+    optimizer = make_optimizer(opt_cfg, [p for p in wrapped.parameters() if p.requires_grad])
+    scheduler = LRScheduler(optimizer, opt_cfg.learning_rate)
+    global_step, samples_streamed = 0, 0
+    if "optimizer" in ckpt:
+        set_optimizer_state(wrapped, optimizer, ckpt["optimizer"], rc, rt)
+    if "lr_scheduler" in ckpt:
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if "global_step" in ckpt:
+        global_step = int(ckpt["global_step"])
+    if "dataloader" in ckpt:
+        dl_state = ckpt["dataloader"]
+        if int(dl_state.get("seed", cfg.shuffle_seed)) != cfg.shuffle_seed:
+            raise SystemExit(f"{ckpt_path} was trained with train_input.shuffle_seed {dl_state['seed']}, the config "
+                             f"says {cfg.shuffle_seed}: use the same seed to resume, or load_checkpoint_states: model")
+        samples_streamed = int(dl_state["samples_streamed"])
+
+    sampler = hd.ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.shuffle_seed, rank=rt.rank,
+                                  world_size=rt.world_size, start_sample=samples_streamed)
+    loader = make_loader(dataset, micro, sampler, cfg, drop_last=True)
+    batches = iter(loader)
+    min_len = model_cfg.image_start_idx + llava.model.num_image_tokens + 1
+
+    logger = Logger(model_dir, "train", rt.is_main)
+    if rt.is_main:
+        log.info("Training steps %d -> %d: global batch %d = %d process(es) x %d x %d accumulation; %s precision",
+                 global_step, rc.max_steps, cfg.batch_size, rt.world_size, micro, accum, rt.precision)
+    wrapped.train()
+    last_ckpt = ckpt_path
+    results = {}
+    bar = tqdm(total=rc.max_steps, initial=global_step, disable=not rt.is_main or args.no_progress,
+               desc="train", unit="step", dynamic_ncols=True)
+    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+    while global_step < rc.max_steps:
+        micro_batches = [next(batches) for _ in range(accum)]
+        # Normaliser over the whole global batch, so DDP + accumulation equals one big batch exactly.
+        local_tokens = float(sum(int(b["loss_mask"].sum()) for b in micro_batches))
+        local_real = float(sum(int((b["key_padding_mask"] == 0).sum()) for b in micro_batches))
+        total_tokens, real_tokens = rt.all_reduce([local_tokens, local_real])
+        normalizer = (max(total_tokens, 1.0) if model_cfg.loss_scaling == "num_tokens"
+                      else float(cfg.batch_size) / model_cfg.loss_weight)
+        loss_sum = 0.0
+        for i, batch in enumerate(micro_batches):
+            if rc.trim_batches:
+                batch = trim_batch(batch, min_len)
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+            sync = i == accum - 1 or not hasattr(wrapped, "no_sync")
+            ctx = wrapped.no_sync() if not sync else _null()
+            with ctx, rt.autocast():
+                # DDP/FSDP average gradients over ranks, so scale by world_size to get the global sum / normalizer
+                loss = wrapped(batch, loss_normalizer=normalizer / rt.world_size)
+            (rt.scaler.scale(loss) if rt.scaler else loss).backward()
+            loss_sum += float(loss.detach()) / rt.world_size
+        loss_value = rt.all_reduce([loss_sum])[0]
+        if rc.check_loss_values and not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"Loss is {loss_value} at step {global_step + 1}; the last good checkpoint is "
+                                f"{last_ckpt or 'none (no checkpoint written yet)'}. Lower the learning rate or "
+                                "check the data around this step.")
+        if rt.scaler:
+            rt.scaler.unscale_(optimizer)
+        grad_norm = grad_norm_and_clip(wrapped, opt_cfg.max_gradient_norm)
+        if rt.scaler:
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        global_step += 1
+        samples_streamed += cfg.batch_size
+        window_samples += cfg.batch_size
+        window_tokens += real_tokens
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+
+        if global_step % rc.log_steps == 0 or global_step == rc.max_steps:
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            values = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                      "samples_per_sec": window_samples / elapsed, "tokens_per_sec": window_tokens / elapsed}
+            logger.log(global_step, values,
+                       f"| Train Step={global_step}, Loss={loss_value:.5f}, LR={lr:.3e}, GradNorm={grad_norm:.3f}, "
+                       f"Rate={values['samples_per_sec']:.2f} samples/s, {values['tokens_per_sec']:.0f} tokens/s")
+            window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+
+        if (rc.checkpoint_steps and global_step % rc.checkpoint_steps == 0) or global_step == rc.max_steps:
+            last_ckpt = write_checkpoint(model_dir, wrapped, optimizer, scheduler, global_step, samples_streamed,
+                                         cfg.shuffle_seed, args.params_dict, rc, rt)
+        if (args.mode == "train_and_eval" and rc.eval_frequency and global_step % rc.eval_frequency == 0
+                and global_step != rc.max_steps):
+            results = evaluate(rt, rc, sections["eval_input"], model_cfg, llava, wrapped, global_step, model_dir)
+            wrapped.train()
+    bar.close()
+    logger.close()
+    if args.mode == "train_and_eval":
+        results = evaluate(rt, rc, sections["eval_input"], model_cfg, llava, wrapped, global_step, model_dir)
+    if rt.is_main:
+        log.info("Training done at step %d; checkpoint %s", global_step, last_ckpt)
+    return results
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def write_checkpoint(model_dir, wrapped, optimizer, scheduler, step, samples_streamed, seed, params, rc, rt):
+    import torch
+
+    model_state, opt_state = full_state(wrapped, optimizer, rc, rt)
+    path = model_dir / f"checkpoint_{step}.mdl"
+    if rt.is_main:
+        state = {
+            "model": model_state, "optimizer": opt_state, "lr_scheduler": scheduler.state_dict(),
+            "global_step": step, "dataloader": {"samples_streamed": samples_streamed, "seed": seed},
+            "__metadata__": [{"version": f"llava-torch-{torch.__version__}", "model_name": "LlavaModel",
+                              "params": params}],
+        }
+        save_checkpoint(path, state)
+        # keep the newest N of this run's checkpoints
+        keep = max(1, rc.max_checkpoints)
+        for old in list_checkpoints(model_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+        log.info("Saved checkpoint %s", path)
+    rt.barrier()
+    return path
+
+
+def evaluate(rt: Runtime, rc: RunConfig, cfg: Optional[InputConfig], model_cfg, llava, wrapped, step, model_dir):
+    """Loss, perplexity and answer-token accuracy over eval_input; also the accuracy of each answer's first token
+    (the first loss position of every answer span) against the majority-answer baseline."""
+    import create_hdf5_dataset as hd
+    import torch
+
+    if cfg is None:
+        raise SystemExit("evaluation needs an eval_input section")
+    image_dtype = half_dtype(cfg.fp16_type) if rt.autocast_dtype is not None else torch.float32
+    dataset = make_dataset(cfg, model_cfg, image_dtype)
+    check_data_against_model(dataset, model_cfg, cfg.data_dir)
+    sampler = hd.ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.shuffle_seed, rank=rt.rank,
+                                  world_size=rt.world_size, num_epochs=1)
+    batch_size = max(1, (cfg.micro_batch_size or cfg.batch_size // rt.world_size))
+    loader = make_loader(dataset, batch_size, sampler, cfg, drop_last=False)
+    min_len = model_cfg.image_start_idx + llava.model.num_image_tokens + 1
+    was_training = wrapped.training
+    wrapped.eval()
+    sums = {"loss": 0.0, "tokens": 0.0, "correct": 0.0, "first_correct": 0.0, "first_total": 0.0}
+    first_answers: dict = {}
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if rc.eval_steps and i >= rc.eval_steps:
+                break
+            if rc.trim_batches:
+                batch = trim_batch(batch, min_len)
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            with rt.autocast():
+                _, logits = wrapped(batch, output_logits=True)
+            labels, mask = batch["labels"].long(), batch["loss_mask"].bool()
+            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+            sums["loss"] += float(ce[mask.flatten()].sum())
+            sums["tokens"] += float(mask.sum())
+            pred = logits.argmax(-1)
+            sums["correct"] += float(((pred == labels) & mask).sum())
+            # first position of every answer span: mask goes 0 -> 1
+            prev = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+            first = mask & ~prev
+            sums["first_correct"] += float(((pred == labels) & first).sum())
+            sums["first_total"] += float(first.sum())
+            for tok in labels[first].tolist():
+                first_answers[tok] = first_answers.get(tok, 0) + 1
+    keys = list(sums)
+    reduced = dict(zip(keys, rt.all_reduce([sums[k] for k in keys])))
+    # majority baseline: how often the most common first answer token occurs (local counts, summed)
+    majority = rt.all_reduce([float(max(first_answers.values()) if first_answers else 0.0)])[0]
+    tokens = max(reduced["tokens"], 1.0)
+    loss = reduced["loss"] / tokens
+    metrics = {
+        "step": step, "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+        "accuracy": reduced["correct"] / tokens,
+        "first_answer_token_accuracy": reduced["first_correct"] / max(reduced["first_total"], 1.0),
+        "majority_first_answer_baseline": majority / max(reduced["first_total"], 1.0),
+        "eval_tokens": int(reduced["tokens"]), "eval_answers": int(reduced["first_total"]),
+    }
+    if rt.is_main:
+        logger = Logger(model_dir, "eval", True)
+        logger.log(step, {k: v for k, v in metrics.items() if k != "step"},
+                   f"| Eval Step={step}, Loss={loss:.5f}, Perplexity={metrics['perplexity']:.3f}, "
+                   f"Accuracy={metrics['accuracy']:.4f}, FirstAnswerTokenAccuracy="
+                   f"{metrics['first_answer_token_accuracy']:.4f} (majority baseline "
+                   f"{metrics['majority_first_answer_baseline']:.4f})")
+        logger.close()
+        out = model_dir / f"eval_{step}.json"
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, out)
+    if was_training:
+        wrapped.train()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="target", required=True, metavar="{CSX,GPU,CPU}")
+    for target in ("CSX", "GPU", "CPU"):
+        p = sub.add_parser(target, help=f"run on {target}")
+        p.add_argument("-p", "--params", required=True, help="yaml config (train_input, eval_input, model, ...)")
+        p.add_argument("-m", "--mode", required=True, choices=["train", "eval", "train_and_eval"])
+        p.add_argument("-o", "--model_dir", default="model_dir", help="checkpoints, logs, resolved config")
+        p.add_argument("--checkpoint_path", help="checkpoint to start from (default: newest in model_dir)")
+        p.add_argument("--load_checkpoint_states", help='"model" for weights only, or a comma list of states')
+        p.add_argument("--max_steps", type=int, help="overrides runconfig.max_steps")
+        p.add_argument("--eval_steps", type=int, help="overrides runconfig.eval_steps")
+        p.add_argument("--disable_strict_checkpoint_loading", action="store_true")
+        p.add_argument("--logging", default="INFO", help="log level")
+        p.add_argument("--no_progress", action="store_true", help="no progress bar")
+        if target == "CSX":
+            p.add_argument("--num_csx", type=int, default=1)
+            p.add_argument("--mgmt_address", help="cluster management address HOST:PORT")
+            p.add_argument("--mount_dirs", nargs="*", default=[], help="paths the appliance must mount")
+            p.add_argument("--python_paths", nargs="*", default=[], help="paths added to the workers' PYTHONPATH")
+            p.add_argument("--job_labels", nargs="*", default=[], help="KEY=VALUE labels for the job")
+            p.add_argument("--compile_dir", default=None, help="compile artifact directory on the cluster")
+            group = p.add_mutually_exclusive_group()
+            group.add_argument("--compile_only", action="store_true", help="compile, do not run")
+            group.add_argument("--validate_only", action="store_true", help="validate the graph, do not compile")
+            p.add_argument("--cstorch_backend", choices=["CSX", "CPU"], default="CSX",
+                           help="run the CSX code path on cerebras.pytorch's CPU backend (testing without a system)")
+        p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="yaml overrides")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.logging).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    params = load_params(args.params, args.overrides)
+    rc_section = params.setdefault("runconfig", {})
+    for key in ("max_steps", "eval_steps"):
+        if getattr(args, key) is not None:
+            rc_section[key] = getattr(args, key)
+    if args.disable_strict_checkpoint_loading:
+        rc_section["disable_strict_checkpoint_loading"] = True
+    args.params_dict = params
+    try:
+        sections = parse_sections(params)
+    except ValueError as e:
+        raise SystemExit(f"Config error in {args.params}: {e}") from None
+    if args.target == "CSX":
+        try:
+            import cerebras.pytorch  # noqa: F401
+        except ImportError:
+            raise SystemExit("CSX needs cerebras.pytorch: create the Cerebras environment with "
+                             "`pip install -r requirements-csx.txt` (or run on GPU/CPU)") from None
+        import run_csx
+
+        return run_csx.run(args, params, sections)
+    try:
+        return run_torch(args, params, sections)
+    except NonFiniteLoss as e:
+        raise SystemExit(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()
