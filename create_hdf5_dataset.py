@@ -345,8 +345,18 @@ def load_config(params: str | os.PathLike, mode: str, overrides: dict | None = N
 LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 
 
+_TOKENIZERS: dict[tuple[int, str], Any] = {}  # (pid, folder) -> tokenizer: loading takes ~1 s (slow->fast)
+
+
 def load_tokenizer(folder: str | os.PathLike | None, key_name: str = "processing.huggingface_tokenizer"):
-    """Load a Llama-family HF tokenizer from a local folder (never downloads)."""
+    """Load a Llama-family HF tokenizer from a local folder (never downloads); cached per process."""
+    key = (os.getpid(), str(Path(folder).resolve()) if folder is not None else "")
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _load_tokenizer(folder, key_name)
+    return _TOKENIZERS[key]
+
+
+def _load_tokenizer(folder: str | os.PathLike | None, key_name: str):
     if folder is None:
         raise ConfigError(f"{key_name} is not set: give the local folder of a Llama-family Hugging Face "
                           f"tokenizer (tokenizer.model and/or tokenizer.json, tokenizer_config.json)")
@@ -1289,10 +1299,12 @@ def _t_center_crop(size):
 
 def _t_to_tensor():
     def fn(img):
-        arr = np.asarray(img, dtype=np.float32)
+        arr = np.asarray(img)  # uint8 HWC
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        return np.ascontiguousarray(arr.transpose(2, 0, 1)) * np.float32(1.0 / 255.0)
+        out = arr.transpose(2, 0, 1).astype(np.float32)  # one pass: CHW copy + cast
+        out *= np.float32(1.0 / 255.0)
+        return out
     return fn
 
 
