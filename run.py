@@ -123,11 +123,14 @@ def apply_overrides(params: dict, overrides: List[str]) -> dict:
         if "=" not in item:
             raise SystemExit(f"Override {item!r} must look like section.key=value (e.g. runconfig.max_steps=10)")
         path, value = item.split("=", 1)
-        keys = path.split(".")
+        keys = [int(k) if k.isdigit() else k for k in path.split(".")]  # numbers index lists
         node = params
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = yaml.safe_load(value)
+        try:
+            for k in keys[:-1]:
+                node = node[k] if isinstance(node, list) else node.setdefault(k, {})
+            node[keys[-1]] = yaml.safe_load(value)
+        except (IndexError, TypeError, AttributeError):
+            raise SystemExit(f"Override {item!r}: {path} does not name a value in the config") from None
     return params
 
 
