@@ -58,24 +58,27 @@ CLIP_KEYS = {
     "embeddings.position_embedding.weight": "embedding_layer.position_embeddings.weight",
     "pre_layrnorm.weight": "embedding_layer.post_embed_ln.weight",
     "pre_layrnorm.bias": "embedding_layer.post_embed_ln.bias",
-    "encoder.layers.{}.self_attn.q_proj.weight": "encoder.transformer_encoder.layers.{}.self_attn.proj_q_dense_layer.weight",
-    "encoder.layers.{}.self_attn.q_proj.bias": "encoder.transformer_encoder.layers.{}.self_attn.proj_q_dense_layer.bias",
-    "encoder.layers.{}.self_attn.k_proj.weight": "encoder.transformer_encoder.layers.{}.self_attn.proj_k_dense_layer.weight",
-    "encoder.layers.{}.self_attn.k_proj.bias": "encoder.transformer_encoder.layers.{}.self_attn.proj_k_dense_layer.bias",
-    "encoder.layers.{}.self_attn.v_proj.weight": "encoder.transformer_encoder.layers.{}.self_attn.proj_v_dense_layer.weight",
-    "encoder.layers.{}.self_attn.v_proj.bias": "encoder.transformer_encoder.layers.{}.self_attn.proj_v_dense_layer.bias",
-    "encoder.layers.{}.self_attn.out_proj.weight": "encoder.transformer_encoder.layers.{}.self_attn.proj_output_dense_layer.weight",
-    "encoder.layers.{}.self_attn.out_proj.bias": "encoder.transformer_encoder.layers.{}.self_attn.proj_output_dense_layer.bias",
-    "encoder.layers.{}.layer_norm1.weight": "encoder.transformer_encoder.layers.{}.norm1.weight",
-    "encoder.layers.{}.layer_norm1.bias": "encoder.transformer_encoder.layers.{}.norm1.bias",
-    "encoder.layers.{}.layer_norm2.weight": "encoder.transformer_encoder.layers.{}.norm2.weight",
-    "encoder.layers.{}.layer_norm2.bias": "encoder.transformer_encoder.layers.{}.norm2.bias",
-    "encoder.layers.{}.mlp.fc1.weight": "encoder.transformer_encoder.layers.{}.ffn.ffn.0.linear_layer.weight",
-    "encoder.layers.{}.mlp.fc1.bias": "encoder.transformer_encoder.layers.{}.ffn.ffn.0.linear_layer.bias",
-    "encoder.layers.{}.mlp.fc2.weight": "encoder.transformer_encoder.layers.{}.ffn.ffn.1.linear_layer.weight",
-    "encoder.layers.{}.mlp.fc2.bias": "encoder.transformer_encoder.layers.{}.ffn.ffn.1.linear_layer.bias",
     "post_layernorm.weight": "encoder.transformer_encoder.norm.weight",
     "post_layernorm.bias": "encoder.transformer_encoder.norm.bias",
+}
+CLIP_LAYER = ("encoder.layers.{}.", "encoder.transformer_encoder.layers.{}.")  # per-layer prefixes of the table:
+CLIP_LAYER_KEYS = {
+    "self_attn.q_proj.weight": "self_attn.proj_q_dense_layer.weight",
+    "self_attn.q_proj.bias": "self_attn.proj_q_dense_layer.bias",
+    "self_attn.k_proj.weight": "self_attn.proj_k_dense_layer.weight",
+    "self_attn.k_proj.bias": "self_attn.proj_k_dense_layer.bias",
+    "self_attn.v_proj.weight": "self_attn.proj_v_dense_layer.weight",
+    "self_attn.v_proj.bias": "self_attn.proj_v_dense_layer.bias",
+    "self_attn.out_proj.weight": "self_attn.proj_output_dense_layer.weight",
+    "self_attn.out_proj.bias": "self_attn.proj_output_dense_layer.bias",
+    "layer_norm1.weight": "norm1.weight",
+    "layer_norm1.bias": "norm1.bias",
+    "layer_norm2.weight": "norm2.weight",
+    "layer_norm2.bias": "norm2.bias",
+    "mlp.fc1.weight": "ffn.ffn.0.linear_layer.weight",
+    "mlp.fc1.bias": "ffn.ffn.0.linear_layer.bias",
+    "mlp.fc2.weight": "ffn.ffn.1.linear_layer.weight",
+    "mlp.fc2.bias": "ffn.ffn.1.linear_layer.bias",
 }
 CLIP_HF_PREFIX, CLIP_CS_PREFIX = "vision_model.", "image_model."
 
@@ -83,17 +86,20 @@ CLIP_HF_PREFIX, CLIP_CS_PREFIX = "vision_model.", "image_model."
 # Cerebras registers the final norm twice, so both names are written and must agree on the way back.
 LLAMA_KEYS = {
     "model.embed_tokens.weight": "text_model.embedding_layer.word_embeddings.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "text_model.transformer_decoder.layers.{}.self_attn.proj_q_dense_layer.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "text_model.transformer_decoder.layers.{}.self_attn.proj_k_dense_layer.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "text_model.transformer_decoder.layers.{}.self_attn.proj_v_dense_layer.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "text_model.transformer_decoder.layers.{}.self_attn.proj_output_dense_layer.weight",
-    "model.layers.{}.input_layernorm.weight": "text_model.transformer_decoder.layers.{}.norm1.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "text_model.transformer_decoder.layers.{}.norm3.weight",
-    "model.layers.{}.mlp.up_proj.weight": "text_model.transformer_decoder.layers.{}.ffn.ffn.0.linear_layer.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "text_model.transformer_decoder.layers.{}.ffn.ffn.0.linear_layer_for_glu.weight",
-    "model.layers.{}.mlp.down_proj.weight": "text_model.transformer_decoder.layers.{}.ffn.ffn.1.linear_layer.weight",
     "model.norm.weight": ("text_model.transformer_decoder.norm.weight", "text_model.ln_f.weight"),
     "lm_head.weight": "text_model.lm_head.weight",
+}
+LLAMA_LAYER = ("model.layers.{}.", "text_model.transformer_decoder.layers.{}.")  # per-layer prefixes of the table:
+LLAMA_LAYER_KEYS = {
+    "self_attn.q_proj.weight": "self_attn.proj_q_dense_layer.weight",  # rows permuted (rope_q)
+    "self_attn.k_proj.weight": "self_attn.proj_k_dense_layer.weight",  # rows permuted (rope_k)
+    "self_attn.v_proj.weight": "self_attn.proj_v_dense_layer.weight",
+    "self_attn.o_proj.weight": "self_attn.proj_output_dense_layer.weight",
+    "input_layernorm.weight": "norm1.weight",
+    "post_attention_layernorm.weight": "norm3.weight",
+    "mlp.up_proj.weight": "ffn.ffn.0.linear_layer.weight",
+    "mlp.gate_proj.weight": "ffn.ffn.0.linear_layer_for_glu.weight",
+    "mlp.down_proj.weight": "ffn.ffn.1.linear_layer.weight",
 }
 # Keys that may be absent on either side (a tied lm_head is not stored by HF's save_pretrained).
 OPTIONAL_KEYS = {"lm_head.weight"}
@@ -205,11 +211,14 @@ class Rule:
 
 
 def _rules() -> list[Rule]:
+    """All tables as full-key rules."""
     rules = []
-    for hf, cs in CLIP_KEYS.items():
+    clip = dict(CLIP_KEYS, **{CLIP_LAYER[0] + hf: CLIP_LAYER[1] + cs for hf, cs in CLIP_LAYER_KEYS.items()})
+    for hf, cs in clip.items():
         hf_key = CLIP_HF_PREFIX + hf
         rules.append(Rule("clip", hf_key, (CLIP_CS_PREFIX + cs,), KEY_TRANSFORMS.get(hf_key)))
-    for hf, cs in LLAMA_KEYS.items():
+    llama = dict(LLAMA_KEYS, **{LLAMA_LAYER[0] + hf: LLAMA_LAYER[1] + cs for hf, cs in LLAMA_LAYER_KEYS.items()})
+    for hf, cs in llama.items():
         rules.append(Rule("llama", hf, cs if isinstance(cs, tuple) else (cs,), KEY_TRANSFORMS.get(hf)))
     for hf, cs in PROJECTOR_KEYS.items():
         rules.append(Rule("projector", hf, (cs,), None, PROJECTOR_INDEX_STEP))

@@ -194,6 +194,13 @@ def test_full_clip_model_state_drops_the_text_side_and_buffers():
     assert cs.keys() == cc.hf_clip_to_cs(clip.state_dict()).keys()
 
 
+def test_llava_training_output_drops_its_vision_tower_copy_and_old_rope_buffers():
+    hf = dict(tiny_llama().state_dict(), **tiny_projector())
+    extra = {"model.vision_tower.vision_tower.vision_model.post_layernorm.weight": torch.ones(32),
+             "model.layers.1.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    assert cc.hf_llama_to_cs(dict(hf, **extra), 4).keys() == cc.hf_llama_to_cs(hf, 4).keys()
+
+
 def test_unknown_missing_and_misshaped_keys_raise_with_their_names():
     hf = dict(tiny_llama().state_dict())
     with pytest.raises(cc.ConversionError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A"):
@@ -262,6 +269,10 @@ def test_hf_llava_folder_to_cs_gives_the_same_logits_and_converts_back_exactly(t
     assert text_config["mm_vision_tower"] == str((out / "image_model").resolve())
     assert cc.hf_configs_to_cs(json.loads((out / "image_model" / "config.json").read_text()), text_config) == section
     assert (out / "text_model" / "tokenizer.model").read_bytes() == b"stand-in tokenizer bytes"
+    assert run_cli("diff", src / "text_model", out / "text_model") == 0  # all shards of both folders
+    assert run_cli("diff", src, out) == 1  # the source image_model is a full CLIPModel (text tower too)
+    assert run_cli("diff", out / "text_model" / "pytorch_model-00001-of-00004.bin",
+                   out / "text_model" / "pytorch_model-00002-of-00004.bin") == 1
     assert torch.equal(CLIPVisionModel.from_pretrained(out / "image_model").state_dict()[
         "vision_model.embeddings.position_embedding.weight"], clip.state_dict()[
         "vision_model.embeddings.position_embedding.weight"])
@@ -375,8 +386,8 @@ def test_config_that_does_not_match_the_weights_names_key_and_shapes(tmp_path, c
                    tmp_path / "cs", "--no-progress-bar", src) == 1
     err = capsys.readouterr().err
     assert "the config does not match the weights" in err
-    assert "model.layers.0.mlp.up_proj.weight -> text_model.transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight" \
-        " has shape [96, 64]" in err and "[80, 64]" in err
+    mapped = "model.layers.0.mlp.up_proj.weight -> text_model.transformer_decoder.layers.0.ffn.ffn.0.linear_layer"
+    assert f"{mapped}.weight has shape [96, 64]" in err and "[80, 64]" in err
 
 
 def test_cs_checkpoint_against_a_different_config_lists_the_problems(tmp_path, capsys):

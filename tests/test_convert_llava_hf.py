@@ -72,7 +72,8 @@ def test_llava_hf_folder_round_trips_through_cs_with_equal_logits(tmp_path, toke
     original = cc.load_weight_file(tmp_path / "src" / "model.safetensors")
     written = cc.load_weight_file(out / "model.safetensors")
     assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in original)
-    before, after = json.loads((tmp_path / "src" / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    before = json.loads((tmp_path / "src" / "config.json").read_text())
+    after = json.loads((out / "config.json").read_text())
     assert cc.llava_hf_config_to_cs(after) == cc.llava_hf_config_to_cs(before)
     for key in ("image_token_index", "vision_feature_layer", "vision_feature_select_strategy", "projector_hidden_act",
                 "image_seq_length"):
@@ -131,8 +132,9 @@ def test_cs_model_without_image_tokens_grows_embeddings_to_a_multiple_of_64(tmp_
     assert (config["image_token_index"], config["pad_token_id"]) == (base_vocab, base_vocab + 1)
     hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
     emb = hf.get_input_embeddings().weight
-    assert emb.shape[0] == rows and torch.equal(emb[:base_vocab], cs["text_model.embedding_layer.word_embeddings.weight"])
-    assert torch.allclose(emb[-1], cs["text_model.embedding_layer.word_embeddings.weight"].mean(0))
+    words = cs["text_model.embedding_layer.word_embeddings.weight"]
+    assert emb.shape[0] == rows and torch.equal(emb[:base_vocab], words)
+    assert torch.allclose(emb[-1], words.mean(0))
     pixels, ids, hf_ids = llava_inputs(base_vocab, base_vocab, start=section["image_start_idx"])
     with torch.no_grad():
         theirs = hf(input_ids=hf_ids, pixel_values=pixels).logits
