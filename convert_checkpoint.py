@@ -264,7 +264,9 @@ class KeyMapper:
         self.rename = None if rename is None else sorted(rename.items(), key=lambda kv: -len(kv[0]))
         self.strict = strict
         self.seen: dict[str, dict[tuple, set]] = {g: {} for g in groups}  # group -> rule -> indices
-        self.emitted: dict[str, object] = {}  # target key -> first tensor (for duplicate checks)
+        # target key -> None, or the tensor where two source keys legitimately share a target (CS's doubly
+        # registered final norm); other tensors are not kept, so they are freed once written
+        self.emitted: dict[str, object] = {}
         self.unknown: list[str] = []
         self.dropped: list[str] = []
 
@@ -311,12 +313,16 @@ class KeyMapper:
         out = []
         for target in targets:
             if target in self.emitted:
-                if not _same(self.emitted[target], tensor):
+                kept = self.emitted[target]
+                if kept is None:
+                    raise ConversionError(f"{key}: another source key already mapped to {target}; the checkpoint "
+                                          "holds the same weight twice under two names")
+                if not _same(kept, tensor):
                     raise ConversionError(f"{key} and another source key both map to {target} but hold different "
                                           "values (for the final norm: text_model.ln_f and "
                                           "text_model.transformer_decoder.norm must be the same tensor)")
                 continue
-            self.emitted[target] = tensor
+            self.emitted[target] = tensor if (not self.to_cs and len(rule.cs) > 1) else None
             out.append((target, tensor))
         return out
 
@@ -1245,6 +1251,16 @@ def _load_cs_and_config(checkpoint: Path, config: Optional[Path]) -> tuple:
     return state, cfg, model_section, expected
 
 
+def convert_cs_to_cs(checkpoint: Path, config: Optional[Path], out_dir: Path, tgt_fmt: str = "cs-2.2",
+                     opts: Options = Options()) -> tuple:
+    """Any cs checkpoint (torch.save or, with cerebras.pytorch, HDF5; with or without `model.`) -> a converted-style
+    {"model": state} .mdl + yaml. Optimizer and other states are dropped."""
+    state, cfg, model_section, expected = _load_cs_and_config(Path(checkpoint), config)
+    out = {k: _cast(state[k], opts.dtype) for k in expected if k in state}
+    out = _finish_cs(out, cfg, expected, str(config or checkpoint))
+    return _write_cs(out, model_section, Path(out_dir), tgt_fmt)
+
+
 def _cs_tensors(state: dict, expected: dict, cfg, progress: bool, desc: str) -> Iterator:
     """Pop CS tensors in model order (each is released once its shard is written); a tied lm_head is skipped
     (HF re-ties it), after checking that it really equals the embeddings."""
@@ -1418,6 +1434,8 @@ CONVERSIONS = {  # (src, tgt) -> note for `list`
     ("llava-hf", "cs"): "A transformers LlavaForConditionalGeneration folder (config.json + weights).",
     ("cs", "llava-hf"): "Writes a folder LlavaForConditionalGeneration/AutoProcessor load; needs --tokenizer-dir "
                         "(adds <image> and <pad>, grows the embeddings to a multiple of 64).",
+    ("cs", "cs"): "Re-saves the model weights of a checkpoint (e.g. a cerebras.pytorch HDF5 .mdl, read in the "
+                  "Cerebras environment) as a torch.save .mdl without the `model.` prefix, checked against --config.",
 }
 
 
@@ -1482,6 +1500,9 @@ def cmd_convert(args) -> int:
     elif pair == ("llava-hf", "cs"):
         ckpt, cfg = convert_llava_hf_to_cs(src, config, out, _cs_name(args.tgt_fmt), opts)
         saved, configs = [ckpt], [cfg]
+    elif pair == ("cs", "cs"):
+        ckpt, cfg = convert_cs_to_cs(src, config, out, _cs_name(args.tgt_fmt), opts)
+        saved, configs = [ckpt], [cfg]
     elif pair == ("cs", "hf"):
         convert_cs_to_hf(src, config, out, opts)
         saved, configs = [out / "image_model", out / "text_model"], [out / "image_model" / "config.json",
@@ -1500,7 +1521,13 @@ def cmd_convert_config(args) -> int:
     src = Path(args.config_file)
     out = Path(args.output_dir) if args.output_dir else (src if src.is_dir() else src.parent)
     out.mkdir(parents=True, exist_ok=True)
-    if pair[1] == "cs":
+    if pair == ("cs", "cs"):
+        section = read_cs_yaml(src)
+        parse_cs_config(section)
+        path = out / f"config_to_{_cs_name(args.tgt_fmt)}.yaml"
+        _write_yaml(path, {"model": section})
+        written = [path]
+    elif pair[1] == "cs":
         if pair[0] == "hf":
             section = hf_configs_to_cs(*read_hf_configs(src))
         else:

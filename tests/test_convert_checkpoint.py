@@ -354,6 +354,12 @@ def test_training_checkpoint_with_model_prefix_and_optimizer_state_converts(tmp_
     text = read_hf_folder(out / "text_model")
     trained = model.state_dict()["model.projector_image_model.ffn.0.linear_layer.weight"]
     assert torch.equal(text["model.mm_projector.0.weight"], trained)
+    # cs -> cs: the weights alone, without the prefix, cast on request (what run.py's HDF5 message points to)
+    assert run_cli("convert", "--model", "llava", "--src-fmt", "cs-2.2", "--tgt-fmt", "cs-2.2", "--dtype",
+                   "bfloat16", "--output-dir", tmp_path / "cs2", tmp_path / "checkpoint_1.mdl") == 0
+    again = torch.load(tmp_path / "cs2" / "pytorch_model_to_cs-2.2.mdl", weights_only=True)
+    assert set(again) == {"model"} and list(again["model"]) == [k[len("model."):] for k in model.state_dict()]
+    assert torch.equal(again["model"]["projector_image_model.ffn.0.linear_layer.weight"], trained.bfloat16())
 
 
 def test_tied_embeddings_are_stored_once_on_the_hf_side(tmp_path):
