@@ -34,7 +34,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import unicodedata
@@ -81,6 +80,7 @@ SKIP_REASONS = {
     "non_string_value": "a turn's `from`/content or the image path is not a string",
     "unknown_role": "a turn's `from` is not one of human/user, gpt/assistant, system (first turn only)",
     "not_alternating": "turns do not alternate user, assistant, ... ending with an assistant turn",
+    "invalid_unicode": "a text holds a lone surrogate (e.g. a broken \\ud83d escape) and cannot be encoded",
     "image_outside_root": "the image path is absolute or escapes dataset.image_dir with ../",
     "missing_image": "the image file does not exist under dataset.image_dir",
     "too_long": "even the first turn does not fit in max_seq_length",
@@ -581,6 +581,12 @@ def count_records(files: list[Path]) -> int | None:
     return total
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def _make_cleaner(cfg: PreprocConfig) -> Callable[[str], str]:
     if not cfg.dataset.use_ftfy:
         return lambda s: s
@@ -639,6 +645,11 @@ class RecordParser:
             role, text = turn["from"], turn[self.content_key]
             if not isinstance(role, str) or not isinstance(text, str):
                 return "non_string_value", None
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "invalid_unicode", None
             role = ROLE_NAMES.get(role.lower())
             if role is None:
                 return "unknown_role", None
@@ -793,7 +804,7 @@ def _new_state(proc: int, nproc: int) -> dict:
 def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[str], progress=None) -> dict:
     """Process the records dealt to `proc`; returns the final state (also saved as checkpoint_<proc>.json).
 
-    `progress` is a callable(records_done_delta) or a shared array (multi-process) updated per block."""
+    `progress` is a callable(records_delta, samples_delta), called after each block of records."""
     if nproc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process
     cfg = parse_config(cfg_dict, "data_params.json")
@@ -836,6 +847,7 @@ def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[st
             ex.append(rec_id)
 
     last_index = state["next_record"] - 1
+    written_before = counts["successful_files"]
     block: list[tuple[int, Path, int, Any]] = []
     source = iter_assigned_records([Path(f) for f in files], proc, nproc, state["next_record"])
     while True:
@@ -880,7 +892,8 @@ def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[st
             counts["successful_files"] += 1
             writer.row_done(g)
         if progress is not None:
-            progress(len(block))
+            progress(len(block), counts["successful_files"] - written_before)
+            written_before = counts["successful_files"]
     counts["system_turns_dropped"] = parser.system_turns + base_system_turns
     writer.finish(last_index + 1, cfg.processing.write_remainder)
     state["next_record"] = last_index + 1
@@ -976,6 +989,9 @@ def preprocess(mode: str, cfg: PreprocConfig, overwrite: bool = False, progress:
                   f"to resume")
             return prev
     _write_json_atomic(out / "data_params.json", params)
+    if cfg.dataset.use_ftfy and not _has_module("ftfy"):
+        print("note: ftfy is not installed, so dataset.use_ftfy only applies unicode normalisation "
+              f"({cfg.dataset.ftfy_normalizer}); install ftfy for Cerebras-identical text cleaning", file=sys.stderr)
     show = cfg.processing.display_pbar if progress is None else progress
     cfg_dict = cfg.to_dict()
     cfg_dict["setup"]["processes"] = nproc
@@ -992,32 +1008,54 @@ def preprocess(mode: str, cfg: PreprocConfig, overwrite: bool = False, progress:
     return result
 
 
+class _ProgressBar:
+    """tqdm bar over records with a samples/s postfix."""
+
+    def __init__(self, total: int | None, show: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="rec", disable=not show, desc="records", smoothing=0.1,
+                        dynamic_ncols=True)
+        self.samples, self.t0 = 0, time.perf_counter()
+
+    def update(self, records: int, samples: int) -> None:
+        self.samples += samples
+        self.bar.set_postfix_str(f"samples={self.samples} ({self.samples / (time.perf_counter() - self.t0):.0f}/s)",
+                                 refresh=False)
+        self.bar.update(records)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _run_workers(nproc: int, cfg_dict: dict, phase: int, files: list[str], show: bool, total: int | None
                  ) -> list[dict]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="rec", disable=not show, desc="records", smoothing=0.1, dynamic_ncols=True)
+    bar = _ProgressBar(total, show)
     try:
         if nproc == 1:
             return [run_worker(0, 1, cfg_dict, phase, files, progress=bar.update)]
         import multiprocessing as mp
 
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        done = ctx.Array("q", nproc, lock=False)
+        done = ctx.Array("q", 2 * nproc, lock=False)  # per process: records, samples
         procs = [ctx.Process(target=_worker_entry, args=(p, nproc, cfg_dict, phase, files, done), daemon=True)
                  for p in range(nproc)]
         for pr in procs:
             pr.start()
         try:
-            shown = 0
+            shown = [0, 0]
+
+            def refresh() -> None:
+                now = [sum(done[0::2]), sum(done[1::2])]
+                bar.update(now[0] - shown[0], now[1] - shown[1])
+                shown[:] = now
+
             while any(pr.is_alive() for pr in procs):
                 time.sleep(0.2)
-                now = sum(done)
-                bar.update(now - shown)
-                shown = now
+                refresh()
                 if any(pr.exitcode not in (None, 0) for pr in procs):
                     break
-            bar.update(sum(done) - shown)
+            refresh()
         finally:
             for pr in procs:
                 if pr.is_alive() and any(q.exitcode not in (None, 0) for q in procs):
@@ -1034,8 +1072,9 @@ def _run_workers(nproc: int, cfg_dict: dict, phase: int, files: list[str], show:
 
 
 def _worker_entry(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[str], done) -> None:
-    def progress(n: int) -> None:
-        done[proc] += n
+    def progress(records: int, samples: int) -> None:
+        done[2 * proc] += records
+        done[2 * proc + 1] += samples
 
     try:
         run_worker(proc, nproc, cfg_dict, phase, files, progress=progress)
@@ -1102,67 +1141,77 @@ def _print_summary(result: dict, elapsed: float, out: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Shuffle (spec 2.10, deterministic, waits for its workers)
 # --------------------------------------------------------------------------------------------------------------
+# Same two-level scheme as Cerebras' h5_dataset_shuffle.py (every row goes to a random output chunk, then each
+# chunk is permuted), computed from the seed alone: the rng of input file i is seeded (seed, 0, i) and the
+# permutation of chunk c (seed, 1, c), so the result does not depend on the number of workers. Rows are moved as
+# raw compressed H5 chunks when the input stores one row per chunk (ours and Cerebras' files do), so nothing is
+# decompressed; other layouts are copied row by row.
 
 
 def _list_h5(root: Path) -> list[Path]:
     return sorted((p for p in root.rglob("*.h5") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
 
 
-def _shuffle_split(args: tuple) -> None:
-    """Phase A: deal the rows of input file `fi` to random chunks; one piece file per (chunk, file)."""
+def _chunk_members(sizes: list[int], num_chunks: int, seed: int) -> list[np.ndarray]:
+    """Per output chunk: the (file index, row) pairs it holds, in their final (permuted) order."""
+    chunk_of = [np.random.default_rng([seed, 0, i]).integers(0, num_chunks, size=n) for i, n in enumerate(sizes)]
+    members = []
+    for c in range(num_chunks):
+        pairs = np.concatenate([np.stack([np.full(len(rows), i), rows], 1)
+                                for i, rows in ((i, np.flatnonzero(co == c)) for i, co in enumerate(chunk_of))])
+        members.append(pairs[np.random.default_rng([seed, 1, c]).permutation(len(pairs))])
+    return members
+
+
+def _row_chunked(dset) -> bool:
+    return dset.chunks == (1,) + dset.shape[1:]
+
+
+def _shuffle_write_chunk(args: tuple) -> int:
+    """Write output chunk c (data-<c>.h5) from its member rows; returns its number of rows."""
     import h5py
 
-    fi, path, tmp_dir, num_chunks, seed = args
-    with h5py.File(path, "r") as f:
-        data = f["data"][:]
-        paths = f["img_path"][:] if "img_path" in f else None
-    rng = np.random.default_rng([seed, 0, fi])
-    chunk_of = rng.integers(0, num_chunks, size=len(data))
-    for c in np.unique(chunk_of):
-        sel = np.flatnonzero(chunk_of == c)
-        piece = tmp_dir / f"{c:05d}" / f"{fi:06d}.h5"
-        with h5py.File(piece.with_suffix(".tmp"), "w") as g:
-            g.create_dataset("data", data=data[sel])
-            if paths is not None:
-                g.create_dataset("img_path", data=paths[sel])
-        os.replace(piece.with_suffix(".tmp"), piece)
-
-
-def _shuffle_merge(args: tuple) -> int:
-    """Phase B: concatenate a chunk's pieces in input order, permute rows jointly, write data-<chunk>.h5."""
-    import h5py
-
-    c, tmp_dir, out_dir, seed = args
-    pieces = sorted((tmp_dir / f"{c:05d}").glob("*.h5"))
-    if not pieces:
-        return 0
-    datas, paths = [], []
-    for p in pieces:
-        with h5py.File(p, "r") as f:
-            datas.append(f["data"][:])
-            paths.append(f["img_path"][:] if "img_path" in f else None)
-    data = np.concatenate(datas)
-    perm = np.random.default_rng([seed, 1, c]).permutation(len(data))
-    data = data[perm]
-    final = out_dir / f"data-{c:05d}.h5"
+    c, files, members, out_dir = args
+    final = Path(out_dir) / f"data-{c:05d}.h5"
     tmp = final.with_suffix(".h5.tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["n_examples"] = len(data)
-        f.create_dataset("data", data=data, chunks=(1,) + data.shape[1:], compression="gzip")
-        if paths[0] is not None:
-            width = max(p.dtype.itemsize for p in paths)
-            img = np.concatenate([p.astype(f"S{width}") for p in paths])[perm]
-            f.create_dataset("img_path", data=img, compression="gzip")
+    handles = [h5py.File(f, "r") for f in files]
+    try:
+        dsets = [h["data"] for h in handles]
+        paths = [h["img_path"][:, 0] if "img_path" in h else None for h in handles]
+        first = dsets[0]
+        raw = all(_row_chunked(d) and d.compression == first.compression and d.compression_opts ==
+                  first.compression_opts and d.shuffle == first.shuffle for d in dsets)
+        n = len(members)
+        with h5py.File(tmp, "w") as out:
+            out.attrs["n_examples"] = n
+            opts = dict(compression=first.compression, compression_opts=first.compression_opts,
+                        shuffle=first.shuffle) if raw else dict(compression="gzip")
+            data = out.create_dataset("data", shape=(n,) + first.shape[1:], dtype=first.dtype,
+                                      chunks=(1,) + first.shape[1:], **opts)
+            zero = (0,) * (len(first.shape) - 1)
+            for k, (fi, j) in enumerate(members.tolist()):
+                if raw:  # move the compressed bytes as they are
+                    mask, chunk = dsets[fi].id.read_direct_chunk((j,) + zero)
+                    data.id.write_direct_chunk((k,) + zero, chunk, mask)
+                else:
+                    data[k] = dsets[fi][j]
+            if paths[0] is not None:
+                width = max(1, max(p.dtype.itemsize for p in paths))
+                img = np.array([paths[fi][j] for fi, j in members.tolist()], dtype=f"S{width}").reshape(n, 1)
+                out.create_dataset("img_path", data=img, compression="gzip")
+    finally:
+        for h in handles:
+            h.close()
     os.replace(tmp, final)
-    return len(data)
+    return n
 
 
 def shuffle(input_dir: str | os.PathLike, output_dir: str | os.PathLike, num_chunks: int, num_workers: int = 1,
             seed: int = 0, overwrite: bool = False, progress: bool = True) -> int:
-    """Shuffle all samples of input_dir/**.h5 into output_dir/data-<chunk>.h5; returns the number of samples.
+    """Shuffle all samples of input_dir/**.h5 into output_dir/data-<chunk:05d>.h5; returns the number of samples.
 
-    Each input file's rows are dealt to random chunks (rng seeded by (seed, file index)), then each chunk's rows
-    are permuted together (rng seeded by (seed, chunk)): the result depends only on the seed and the inputs."""
+    `data` rows keep their `img_path` rows. Waits for its workers. data_params.json is copied (with a `shuffle`
+    entry) so that readers still find image_patch_info."""
     import h5py
     from tqdm import tqdm
 
@@ -1182,45 +1231,40 @@ def shuffle(input_dir: str | os.PathLike, output_dir: str | os.PathLike, num_chu
         raise ConfigError(f"shuffle: {str(dst)!r} already holds {len(old)} H5 file(s); pass --overwrite")
     for p in old:
         p.unlink()
-    shapes, with_paths = set(), set()
+    sizes, shapes, with_paths = [], set(), set()
     for p in files:
         with h5py.File(p, "r") as f:
             if "data" not in f:
                 raise ConfigError(f"shuffle: {p} has no 'data' dataset")
-            shapes.add(f["data"].shape[1:])
+            sizes.append(f["data"].shape[0])
+            shapes.add((f["data"].shape[1:], f["data"].dtype.str))
             with_paths.add("img_path" in f)
     if len(shapes) > 1 or len(with_paths) > 1:
-        raise ConfigError(f"shuffle: input files differ in row shape {sorted(shapes)} or in having img_path; "
-                          f"shuffle only files of one dataset")
-    tmp_dir = dst / "shuf_tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    for c in range(num_chunks):
-        (tmp_dir / f"{c:05d}").mkdir(parents=True)
-    split_jobs = [(i, str(p), tmp_dir, num_chunks, seed) for i, p in enumerate(files)]
-    merge_jobs = [(c, tmp_dir, dst, seed) for c in range(num_chunks)]
+        raise ConfigError(f"shuffle: input files differ in row shape/dtype {sorted(shapes)} or in having "
+                          f"img_path; shuffle only files of one dataset")
+    members = _chunk_members(sizes, num_chunks, seed)
+    jobs = [(c, [str(f) for f in files], members[c], str(dst)) for c in range(num_chunks) if len(members[c])]
     total = 0
+    bar = tqdm(total=sum(sizes), unit="row", desc="shuffle", disable=not progress)
     if num_workers == 1:
-        for job in tqdm(split_jobs, desc="split", disable=not progress):
-            _shuffle_split(job)
-        for job in tqdm(merge_jobs, desc="merge", disable=not progress):
-            total += _shuffle_merge(job)
+        for job in jobs:
+            n = _shuffle_write_chunk(job)
+            total += n
+            bar.update(n)
     else:
         import multiprocessing as mp
 
-        with mp.get_context().Pool(num_workers) as pool:
-            for _ in tqdm(pool.imap_unordered(_shuffle_split, split_jobs), total=len(split_jobs), desc="split",
-                          disable=not progress):
-                pass
-            for n in tqdm(pool.imap_unordered(_shuffle_merge, merge_jobs), total=len(merge_jobs), desc="merge",
-                          disable=not progress):
+        with mp.get_context().Pool(min(num_workers, len(jobs))) as pool:
+            for n in pool.imap_unordered(_shuffle_write_chunk, jobs):
                 total += n
-    shutil.rmtree(tmp_dir)
+                bar.update(n)
+    bar.close()
     params_src = src / "data_params.json"
     if params_src.is_file():
         params = json.loads(params_src.read_text(encoding="utf-8"))
         params["shuffle"] = {"source": str(src), "num_chunks": num_chunks, "seed": seed, "n_examples": total}
         _write_json_atomic(dst / "data_params.json", params)
-    print(f"shuffled {total} samples from {len(files)} file(s) into {num_chunks} chunk file(s) in {dst}")
+    print(f"shuffled {total} samples from {len(files)} file(s) into {len(jobs)} file(s) in {dst}")
     return total
 
 

@@ -360,14 +360,16 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path, tok_dir, image_dir, ca
         rec("miss", "nope.jpg", "<image>\nq", "a"),                      # missing_image
         rec("long", "a.jpg", "<image>\nq", long_answer),                 # too_long (phase 1 no longer crashes)
         rec("trunc", "a.jpg", "<image>\nq", "blue", "q2", long_answer),  # truncated to its first turn
+        '{"id": "sur", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x\\ud800"}]}',
     ]
     res, (data, _) = run(tmp_path, tok_dir, image_dir, 1, records)
     pp = res["post-process"]
     assert pp["discarded_by_reason"] == {"malformed_json": 1, "not_an_object": 1, "no_conversations": 1,
                                          "bad_turn": 1, "non_string_value": 2, "unknown_role": 1,
                                          "not_alternating": 2, "image_outside_root": 2, "missing_image": 1,
-                                         "too_long": 1}
-    assert pp["discarded_files"] == 13 and pp["successful_files"] == 2 and pp["truncated_samples"] == 1
+                                         "too_long": 1, "invalid_unicode": 1}
+    assert set(pp["discarded_by_reason"]) == set(c.SKIP_REASONS)  # every reason has a case here
+    assert pp["discarded_files"] == 14 and pp["successful_files"] == 2 and pp["truncated_samples"] == 1
     assert pp["discarded_examples"]["missing_image"] == ["miss (data.jsonl:13)"]
     np.testing.assert_array_equal(data[0], data[1])  # truncated sample == the one-turn sample
     printed = capsys.readouterr().out
@@ -527,3 +529,17 @@ def test_shuffle_cli_refuses_existing_output(tmp_path, tok_dir, image_dir, capsy
     assert c.main(args) == 0
     assert c.main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert c.main(args + ["--overwrite", "--num_workers", "2"]) == 0
+
+
+def test_shuffle_copies_other_chunk_layouts_row_by_row(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    data = np.arange(10 * 4 * 6, dtype=np.int32).reshape(10, 4, 6)
+    with h5py.File(src / "x.h5", "w") as f:  # several rows per chunk, no compression: no raw-chunk copy
+        f.create_dataset("data", data=data, chunks=(5, 4, 6))
+        f.create_dataset("img_path", data=np.array([[f"{i}.jpg".encode()] for i in range(10)]))
+    assert c.shuffle(src, tmp_path / "out", num_chunks=2, seed=1, progress=False) == 10
+    rows, paths = read_all(tmp_path / "out")
+    assert sorted(r.tobytes() for r in rows) == sorted(r.tobytes() for r in data)
+    for r, p in zip(rows, paths):  # row k of the input is still paired with k.jpg
+        assert p == f"{r[0, 0] // 24}.jpg".encode()
