@@ -857,7 +857,18 @@ def _load_cerebras_h5(path: Path):
         raise ConversionError(f"{path} is a Cerebras HDF5 checkpoint (written by cstorch.save); reading it needs "
                               "cerebras.pytorch. Run this conversion in the Cerebras environment "
                               "(requirements-csx.txt), or save it there with torch.save") from None
-    return cstorch.load(str(path), map_location="cpu")
+    try:
+        return cstorch.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any reader failure is reported with the file name
+        raise ConversionError(f"{path}: cerebras.pytorch could not read this HDF5 file ({type(e).__name__}: {e})")
+
+
+def _plain_tensors(state: Mapping) -> dict:
+    """cstorch.load gives lazily read tensor subclasses: copy them into ordinary tensors (one copy)."""
+    import torch
+
+    return {k: v if type(v) is torch.Tensor else torch.empty(v.shape, dtype=v.dtype).copy_(v)
+            for k, v in state.items()}
 
 
 def iter_weight_files(files: list, progress: bool, desc: str) -> Iterator:
@@ -899,6 +910,8 @@ def load_cs_checkpoint(path: Path) -> tuple:
     if bad:
         raise ConversionError(f"{path}: not a state dict (non-tensor entries {bad[:5]}); expected {{'model': "
                               "state_dict}} or a state dict")
+    if is_h5:
+        state = _plain_tensors(state)
     return strip_model_prefix(state), params
 
 
@@ -1394,7 +1407,8 @@ def convert_cs_to_llava_hf(checkpoint: Path, config: Optional[Path], out_dir: Pa
     hf_config = cs_to_llava_hf_config(cfg, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id, dtype)
     hf_config["text_config"]["vocab_size"] = rows
     out_dir = Path(out_dir)
-    writer = ShardedWriter(out_dir, opts.shard_bytes, opts.safetensors)
+    # Always safetensors: transformers' own format, and on torch < 2.6 (the Cerebras environment) it refuses .bin.
+    writer = ShardedWriter(out_dir, opts.shard_bytes, safetensors=True)
     mapper = KeyMapper(False, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)))
     for key, tensor in _cs_tensors(state, expected, cfg, opts.progress, "cs -> llava-hf"):
         for hf_key, value in mapper.convert(key, tensor):
@@ -1432,8 +1446,8 @@ CONVERSIONS = {  # (src, tgt) -> note for `list`
                   "Writes OUT/image_model/ and OUT/text_model/ (mm_vision_tower -> OUT/image_model); rename "
                   "text_model to a name containing 'llava' for the LLaVA repo. --tokenizer-dir copies tokenizer files.",
     ("llava-hf", "cs"): "A transformers LlavaForConditionalGeneration folder (config.json + weights).",
-    ("cs", "llava-hf"): "Writes a folder LlavaForConditionalGeneration/AutoProcessor load; needs --tokenizer-dir "
-                        "(adds <image> and <pad>, grows the embeddings to a multiple of 64).",
+    ("cs", "llava-hf"): "Writes a folder LlavaForConditionalGeneration/AutoProcessor load (safetensors); needs "
+                        "--tokenizer-dir (adds <image> and <pad>, grows the embeddings to a multiple of 64).",
     ("cs", "cs"): "Re-saves the model weights of a checkpoint (e.g. a cerebras.pytorch HDF5 .mdl, read in the "
                   "Cerebras environment) as a torch.save .mdl without the `model.` prefix, checked against --config.",
 }
@@ -1608,7 +1622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="hf/llava-hf: the source folder (default: the checkpoint); cs: the params yaml")
     p.add_argument("--output-dir", help="default: the checkpoint's folder")
     p.add_argument("--hf-shard-size", default="10GB", help="max shard size of hf/llava-hf output (default 10GB)")
-    p.add_argument("--export-safetensors", action="store_true", help="write .safetensors instead of .bin")
+    p.add_argument("--export-safetensors", action="store_true", help="hf output: .safetensors instead of .bin "
+                   "(llava-hf output is always .safetensors)")
     p.add_argument("--dtype", choices=DTYPES, help="cast floating tensors (default: keep the checkpoint's dtype)")
     p.add_argument("--tokenizer-dir", help="tokenizer files for hf (copied) / llava-hf (required) output")
     p.add_argument("--drop-unmatched-keys", action="store_true", help="drop (and list) unknown source keys "
