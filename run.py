@@ -504,14 +504,19 @@ def wrap_model(llava, rt: Runtime, rc: RunConfig):
     if rt.world_size == 1:
         return llava
     if rc.distributed_strategy == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        # FSDP2 (per-parameter sharding): works on CPU with gloo too, and mixes frozen and trainable parameters.
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch 2.4
+            from torch.distributed._composable.fsdp import fully_shard
 
         import modeling_llava as ml
 
-        return FSDP(llava, auto_wrap_policy=ModuleWrapPolicy({ml.LlamaDecoderLayer, ml.ViTEncoderLayer}),
-                    sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True,
-                    device_id=rt.device if rt.device.type == "cuda" else None)
+        for m in llava.modules():
+            if isinstance(m, (ml.LlamaDecoderLayer, ml.ViTEncoderLayer)):
+                fully_shard(m)
+        fully_shard(llava)
+        return llava
     return torch.nn.parallel.DistributedDataParallel(
         llava, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
@@ -542,9 +547,8 @@ def grad_norm_and_clip(wrapped, max_norm: Optional[float]):
     import torch
 
     params = [p for p in wrapped.parameters() if p.grad is not None]
-    if hasattr(wrapped, "clip_grad_norm_"):  # FSDP computes the norm over all shards
-        return float(wrapped.clip_grad_norm_(max_norm if max_norm else float("inf")))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor over shards
 
 
 class Logger:
@@ -610,19 +614,19 @@ def run_torch(args, params: dict, sections: dict) -> dict:
                  f"{c['frozen']:,}")
 
     # ---- what to load
-    ckpt_path = Path(args.checkpoint_path) if args.checkpoint_path else None
-    if ckpt_path is None and rc.autoload_last_checkpoint:
-        existing = list_checkpoints(model_dir)
-        ckpt_path = existing[-1] if existing else None
-    ckpt = {}
+    ckpt_path, resuming = choose_checkpoint(args, rc, model_dir, rt)
+    ckpt, checkpoint_step = {}, 0
     if ckpt_path is not None:
         if not ckpt_path.is_file():
             raise SystemExit(f"--checkpoint_path {ckpt_path}: no such file")
         ckpt = load_checkpoint_file(ckpt_path)
         if "model" not in ckpt:
             raise SystemExit(f"{ckpt_path} has no 'model' entry (keys: {sorted(ckpt)[:8]}); is it a LLaVA checkpoint?")
-        chosen = states_to_load(args.load_checkpoint_states or rc.load_checkpoint_states)
+        # The yaml's load_checkpoint_states (phase 2: "model") selects what to take from the checkpoint a run
+        # starts from; resuming this run's own checkpoint always restores everything. The CLI option always applies.
+        chosen = states_to_load(args.load_checkpoint_states or (None if resuming else rc.load_checkpoint_states))
         load_model_weights(llava, ckpt["model"], not rc.disable_strict_checkpoint_loading, ckpt_path)
+        checkpoint_step = int(ckpt.get("global_step", 0))
         if chosen is not None:
             ckpt = {k: v for k, v in ckpt.items() if k in chosen}
         if rt.is_main:
@@ -637,10 +641,28 @@ def run_torch(args, params: dict, sections: dict) -> dict:
     if args.mode == "eval":
         if eval_cfg is None:
             raise SystemExit(f"--mode eval needs an eval_input section in {args.params}")
-        step = int(ckpt.get("global_step", 0)) if ckpt else 0
-        results = evaluate(rt, rc, eval_cfg, model_cfg, llava, wrapped, step, model_dir)
+        results = evaluate(rt, rc, eval_cfg, model_cfg, llava, wrapped, checkpoint_step, model_dir)
     rt.barrier()
     return results
+
+
+def choose_checkpoint(args, rc: RunConfig, model_dir: Path, rt) -> tuple:
+    """(checkpoint to load or None, whether it is a resume of this model_dir's own run).
+
+    Re-running the same command after a crash continues from model_dir's newest checkpoint even when the command
+    names a starting --checkpoint_path (e.g. phase 1's), so progress is never thrown away."""
+    own = list_checkpoints(model_dir) if rc.autoload_last_checkpoint else []
+    given = Path(args.checkpoint_path) if args.checkpoint_path else None
+    if given is not None and given.resolve().parent == model_dir.resolve():
+        return given, True
+    if own and args.mode != "eval":
+        if given is not None and rt.is_main:
+            log.warning("%s already holds %s: resuming from it instead of --checkpoint_path %s (use a new "
+                        "--model_dir to start over)", model_dir, own[-1].name, given)
+        return own[-1], True
+    if given is not None:
+        return given, False
+    return (own[-1], True) if own else (None, False)
 
 
 def save_resolved_config(model_dir: Path, params: dict, mode: str):
