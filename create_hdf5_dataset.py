@@ -426,6 +426,9 @@ class TokenLayout:
             self.user_ids = encode([user])[0]
             self.assistant_ids = encode([assistant])[0]
             self.space_id = tok.convert_tokens_to_ids("▁")
+            if self.space_id is None or self.space_id == tok.unk_token_id:
+                raise ConfigError("the tokenizer has no '▁' piece, which the phase-2 layout puts before the image "
+                                  "slots; use a SentencePiece Llama-family tokenizer")
             head = self.system_ids + self.user_ids
             pre_ids = head + [self.space_id] + slots
             pre_att = [[1] * len(head) + [v] * (1 + self.np_slots) for v in (0, 1)]
@@ -999,7 +1002,7 @@ def preprocess(mode: str, cfg: PreprocConfig, overwrite: bool = False, progress:
     t0 = time.perf_counter()
     states = _run_workers(nproc, cfg_dict, phase, file_strs, show, count_records(files) if show else None)
     elapsed = time.perf_counter() - t0
-    result = _summarise(params, states, layout, tok, phase)
+    result = _summarise(params, states, layout)
     _verify_outputs(out, layout.msl, result)
     _write_json_atomic(out / "data_params.json", result)
     for p in range(nproc):
@@ -1083,7 +1086,7 @@ def _worker_entry(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list
         sys.exit(2)
 
 
-def _summarise(params: dict, states: list[dict], layout: TokenLayout, tok, phase: int) -> dict:
+def _summarise(params: dict, states: list[dict], layout: TokenLayout) -> dict:
     counts = {k: sum(s["counts"][k] for s in states) for k in COUNT_KEYS}
     reasons: dict[str, int] = {}
     examples: dict[str, list] = {}

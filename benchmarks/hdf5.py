@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -130,7 +131,14 @@ def get_tokenizer(work: Path) -> tuple[Path, str]:
     return write_llama_tokenizer(texts, work / "tok", vocab_size=1000), "trained here (vocab 1000)"
 
 
-def run_writer(work: Path, tok: Path, phase: int, procs: int, msl: int, profile: bool) -> tuple[float, dict]:
+def cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (the forked writer processes)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_writer(work: Path, tok: Path, phase: int, procs: int, msl: int, profile: bool
+               ) -> tuple[float, float, dict]:
     import create_hdf5_dataset as c
 
     cfg = c.parse_config({
@@ -139,7 +147,7 @@ def run_writer(work: Path, tok: Path, phase: int, procs: int, msl: int, profile:
         "processing": {"huggingface_tokenizer": str(tok), "max_seq_length": msl, "display_pbar": False},
         "dataset": {"image_dir": str(work / f"images{phase}"), "num_patches": 576}}, "benchmark")
     mode = "LlavaPhaseOne" if phase == 1 else "LlavaPhaseTwo"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if profile:
         import cProfile
         import pstats
@@ -149,11 +157,11 @@ def run_writer(work: Path, tok: Path, phase: int, procs: int, msl: int, profile:
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     else:
         res = c.preprocess(mode, cfg, overwrite=True, progress=False)
-    return time.perf_counter() - t0, res
+    return time.perf_counter() - t0, cpu_seconds() - c0, res
 
 
-def run_reader(work: Path, n: int) -> tuple[float, float]:
-    """(images/s, text-only rows/s) of LlavaH5Dataset.__getitem__ in one process (one DataLoader worker)."""
+def run_reader(work: Path, n: int) -> tuple[float, float, float]:
+    """(images/s, images per CPU-second, text-only rows/s) of LlavaH5Dataset.__getitem__ in one process."""
     import torch
 
     import create_hdf5_dataset as c
@@ -165,11 +173,13 @@ def run_reader(work: Path, n: int) -> tuple[float, float]:
                    "std": [0.26862954, 0.26130258, 0.27577711]}]
     ds = c.LlavaH5Dataset(str(work / "out1_1"), str(work / "images1"), transforms, (3, 336, 336), torch.bfloat16)
     idx = random.Random(4).sample(range(len(ds)), min(n, len(ds)))
+    torch.set_num_threads(1)  # as in a DataLoader worker
     ds[idx[0]]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in idx:
         ds[i]
     img_rate = len(idx) / (time.perf_counter() - t0)
+    img_cpu_rate = len(idx) / (time.process_time() - c0)
     text = c.LlavaH5Dataset(str(work / "out2_1"), None, transforms, (3, 336, 336), torch.bfloat16)
     files = text.files
     import h5py
@@ -182,7 +192,7 @@ def run_reader(work: Path, n: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     for i in rows:
         text[i]
-    return img_rate, len(rows) / max(time.perf_counter() - t0, 1e-9)
+    return img_rate, img_cpu_rate, len(rows) / max(time.perf_counter() - t0, 1e-9)
 
 
 def main() -> None:
@@ -207,20 +217,26 @@ def main() -> None:
         tok, tok_name = get_tokenizer(work)
         print(f"generated {args.records} records per phase in {time.perf_counter() - t0:.1f} s; tokenizer: "
               f"{tok_name}; MSL {args.msl}; {os.cpu_count()} CPUs")
+        import create_hdf5_dataset as c
+
+        c.load_tokenizer(tok)  # warm-up: transformers imported and the tokenizer cached in this process
         procs = [int(p) for p in args.processes.split(",")]
-        print(f"{'phase':>6} {'procs':>5} {'records':>8} {'samples':>8} {'seconds':>8} {'samples/s':>10} "
-              f"{'per proc':>9}  skipped / truncated")
+        print(f"{'phase':>6} {'procs':>5} {'records':>8} {'samples':>8} {'wall s':>7} {'samples/s':>10} "
+              f"{'/s/proc':>8} {'CPU s':>7} {'samples/CPU-s':>14}  skipped/truncated")
         for phase in (1, 2):
             for p in procs:
-                secs, res = run_writer(work, tok, phase, p, args.msl, args.profile and phase == 1 and p == 1)
+                secs, cpu, res = run_writer(work, tok, phase, p, args.msl, args.profile and phase == 1 and p == 1)
                 pp = res["post-process"]
-                rate = pp["successful_files"] / secs
-                print(f"{phase:>6} {p:>5} {pp['processed_files']:>8} {pp['successful_files']:>8} {secs:>8.1f} "
-                      f"{rate:>10.0f} {rate / p:>9.0f}  {pp['discarded_files']} / {pp['truncated_samples']}",
-                      flush=True)
-        img_rate, text_rate = run_reader(work, args.reader_images)
-        print(f"reader, one process: {img_rate:.0f} images/s (H5 row + JPEG decode + expand_to_square, resize 336 "
-              f"bicubic, center_crop, normalize, bf16); {text_rate:.0f} text-only rows/s")
+                n = pp["successful_files"]
+                print(f"{phase:>6} {p:>5} {pp['processed_files']:>8} {n:>8} {secs:>7.1f} {n / secs:>10.0f} "
+                      f"{n / secs / p:>8.0f} {cpu:>7.1f} {n / cpu:>14.0f}  {pp['discarded_files']}/"
+                      f"{pp['truncated_samples']}", flush=True)
+        print("(wall: the whole preprocess() call incl. start-up, after importing transformers; samples/CPU-s: "
+              "the per-process rate on an otherwise idle core)")
+        img_rate, img_cpu_rate, text_rate = run_reader(work, args.reader_images)
+        print(f"reader, one process (= one DataLoader worker): {img_rate:.0f} images/s wall, {img_cpu_rate:.0f} "
+              f"images/CPU-s (H5 row + JPEG decode + expand_to_square, resize 336 bicubic, center_crop, normalize, "
+              f"bf16); {text_rate:.0f} text-only rows/s")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
