@@ -344,8 +344,10 @@ class LlavaModel(nn.Module):
         loss_mask = batch["loss_mask"]
         labels = batch["labels"].long()
         key_padding_mask = batch["key_padding_mask"]
-        if self.sparse_logits and not key_padding_mask.any():
-            key_padding_mask = None  # nothing padded: SDPA's causal fast path instead of an explicit mask
+        if self.sparse_logits and bool((key_padding_mask[:, 1:] >= key_padding_mask[:, :-1]).all()):
+            # Only right padding (every phase-1 row, most phase-2 rows): a real position never sees a later key,
+            # so the causal mask alone gives the same outputs at real positions, and SDPA takes its fused path.
+            key_padding_mask = None
         args = (batch["image_data"], batch["text_input_ids"], key_padding_mask, batch.get("image_start_idx"))
         if self.sparse_logits and not output_logits:
             positions = loss_mask.reshape(-1).nonzero().squeeze(-1)

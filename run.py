@@ -729,38 +729,13 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
     while global_step < rc.max_steps:
         micro_batches = [next(batches) for _ in range(accum)]
-        # Normaliser over the whole global batch, so DDP + accumulation equals one big batch exactly.
-        local_tokens = float(sum(int(b["loss_mask"].sum()) for b in micro_batches))
-        local_real = float(sum(int((b["key_padding_mask"] == 0).sum()) for b in micro_batches))
-        total_tokens, real_tokens = rt.all_reduce([local_tokens, local_real])
-        normalizer = (max(total_tokens, 1.0) if model_cfg.loss_scaling == "num_tokens"
-                      else float(cfg.batch_size) / model_cfg.loss_weight)
-        loss_sum = 0.0
-        for i, batch in enumerate(micro_batches):
-            if rc.trim_batches:
-                batch = trim_batch(batch, min_len)
-            batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-            sync = i == accum - 1 or not hasattr(wrapped, "no_sync")
-            ctx = wrapped.no_sync() if not sync else _null()
-            with ctx, rt.autocast():
-                # DDP/FSDP average gradients over ranks, so scale by world_size to get the global sum / normalizer
-                loss = wrapped(batch, loss_normalizer=normalizer / rt.world_size)
-            (rt.scaler.scale(loss) if rt.scaler else loss).backward()
-            loss_sum += float(loss.detach()) / rt.world_size
-        loss_value = rt.all_reduce([loss_sum])[0]
+        loss_value, grad_norm, real_tokens = train_step(rt, wrapped, optimizer, micro_batches, model_cfg,
+                                                        cfg.batch_size, opt_cfg.max_gradient_norm,
+                                                        min_len if rc.trim_batches else None)
         if rc.check_loss_values and not math.isfinite(loss_value):
             raise NonFiniteLoss(f"Loss is {loss_value} at step {global_step + 1}; the last good checkpoint is "
                                 f"{last_ckpt or 'none (no checkpoint written yet)'}. Lower the learning rate or "
                                 "check the data around this step.")
-        if rt.scaler:
-            rt.scaler.unscale_(optimizer)
-        grad_norm = grad_norm_and_clip(wrapped, opt_cfg.max_gradient_norm)
-        if rt.scaler:
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         global_step += 1
@@ -793,6 +768,45 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
     if rt.is_main:
         log.info("Training done at step %d; checkpoint %s", global_step, last_ckpt)
     return results
+
+
+def train_step(rt: Runtime, wrapped, optimizer, micro_batches: list, model_cfg, global_batch: int,
+               max_gradient_norm: Optional[float], trim_to: Optional[int]) -> tuple:
+    """One optimizer step over this rank's micro-batches: (global loss, grad norm, real tokens in the step).
+
+    The loss is normalised over the whole global batch (loss tokens summed over micro-batches and ranks), so DDP
+    and gradient accumulation give exactly the gradient of one big batch. A non-finite loss skips the update."""
+    local_tokens = float(sum(int(b["loss_mask"].sum()) for b in micro_batches))
+    local_real = float(sum(int((b["key_padding_mask"] == 0).sum()) for b in micro_batches))
+    total_tokens, real_tokens = rt.all_reduce([local_tokens, local_real])
+    normalizer = (max(total_tokens, 1.0) if model_cfg.loss_scaling == "num_tokens"
+                  else float(global_batch) / model_cfg.loss_weight)
+    loss_sum = 0.0
+    for i, batch in enumerate(micro_batches):
+        if trim_to is not None:
+            batch = trim_batch(batch, trim_to)
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+        last = i == len(micro_batches) - 1
+        ctx = wrapped.no_sync() if not last and hasattr(wrapped, "no_sync") else _null()  # DDP: sync once
+        with ctx, rt.autocast():
+            # DDP/FSDP average gradients over ranks, so scale by world_size to get the global sum / normalizer
+            loss = wrapped(batch, loss_normalizer=normalizer / rt.world_size)
+        (rt.scaler.scale(loss) if rt.scaler else loss).backward()
+        loss_sum += float(loss.detach()) / rt.world_size
+    loss_value = rt.all_reduce([loss_sum])[0]
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, float("nan"), real_tokens
+    if rt.scaler:
+        rt.scaler.unscale_(optimizer)
+    grad_norm = grad_norm_and_clip(wrapped, max_gradient_norm)
+    if rt.scaler:
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm, real_tokens
 
 
 def _null():
