@@ -462,7 +462,7 @@ class Runtime:
             precision = "fp16"
         self.precision = precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.cuda.amp.GradScaler() if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     @property
     def is_main(self):
