@@ -99,7 +99,9 @@ def run(args, params: dict, sections: dict) -> dict:
         raise SystemExit(str(e)) from None
     except RuntimeError as e:
         if args.compile_only or args.validate_only:
-            raise SystemExit(f"CSX {'compile' if args.compile_only else 'validation'} failed: {e}\n"
+            log.debug("CSX compile/validation error", exc_info=True)  # --logging DEBUG shows where
+            message = str(e).split("Stack Trace:")[0].strip()  # the C++ frames after it say nothing useful
+            raise SystemExit(f"CSX {'compile' if args.compile_only else 'validation'} failed: {message}\n"
                              f"Artifacts: {model_dir / 'cerebras_logs'}") from None
         raise
     return results
@@ -240,13 +242,14 @@ def scheduler_state_at(scheduler, step: int, milestones: list) -> dict:
     return state
 
 
-def load_optimizer_state(optimizer, state: dict) -> None:
+def load_optimizer_state(optimizer, state: dict, from_torch: bool) -> None:
     """Load a cstorch or a GPU/CPU (torch) optimizer state into our cstorch optimizer.
 
-    cstorch's Adam keeps beta1_power = beta1^(t+1) after t steps (it starts at beta1). A torch state has `step`
-    = t instead; cstorch's own conversion gives beta1^t, one step behind, so convert here. Where beta powers are
-    present, the `step` our checkpoints add for the GPU/CPU path is dropped. Saved param-group values win over
-    our optimizer's defaults (a torch group lacks cstorch keys such as amsgrad)."""
+    cstorch's Adam keeps beta1_power = beta1^(t+1) after t steps (it starts at beta1); a torch state counts
+    `step` = t instead. cstorch's own conversion gives beta1^t, one step behind, so convert here, from `step`
+    whenever the state comes from the GPU/CPU path (beta powers it carries are stale: that path ignores them).
+    In our CSX checkpoints `step` is only there for the GPU/CPU path and is dropped. Saved param-group values
+    win over our optimizer's defaults (a torch group lacks cstorch keys such as amsgrad)."""
     import torch
 
     if len(state["param_groups"]) != len(optimizer.param_groups):
@@ -260,13 +263,22 @@ def load_optimizer_state(optimizer, state: dict) -> None:
         s = dict(s)
         step = s.pop("step", None)
         group = group_of.get(key, groups[0])
-        if step is not None and "beta1_power" not in s and "betas" in group and group.get("correct_bias", True):
-            b1, b2 = group["betas"]
-            t = float(step) + 1
-            s["beta1_power"] = torch.tensor(b1 ** t, dtype=torch.float32)
-            s["beta2_power"] = torch.tensor(b2 ** t, dtype=torch.float32)
+        if step is not None and (from_torch or "beta1_power" not in s) and "betas" in group:
+            s.pop("beta1_power", None)
+            s.pop("beta2_power", None)
+            if group.get("correct_bias", True):
+                b1, b2 = group["betas"]
+                t = float(step) + 1
+                s["beta1_power"] = torch.tensor(b1 ** t, dtype=torch.float32)
+                s["beta2_power"] = torch.tensor(b2 ** t, dtype=torch.float32)
         per_param[key] = s
     optimizer.load_state_dict({**state, "state": per_param, "param_groups": groups})
+
+
+def written_by_cstorch(ckpt: dict) -> bool:
+    """Our CSX checkpoints say so in __metadata__ (the GPU/CPU path writes llava-torch-<version>)."""
+    meta = ckpt.get("__metadata__") or [{}]
+    return str(meta[0].get("version", "")).startswith("cstorch-")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +373,7 @@ def load_checkpoint(args, rc: run_py.RunConfig, llava, model_dir: Path):
     run_py.load_model_weights(llava, ckpt["model"], not rc.disable_strict_checkpoint_loading, ckpt_path)
     chosen = run_py.states_to_load(args.load_checkpoint_states or rc.load_checkpoint_states)
     if chosen is not None:
-        ckpt = {k: v for k, v in ckpt.items() if k in chosen}
+        ckpt = {k: v for k, v in ckpt.items() if k in chosen or k == "__metadata__"}
     log.info("Loaded %s (states: %s)", ckpt_path, ", ".join(sorted(k for k in ckpt if k != "__metadata__")))
     return ckpt, ckpt_path
 
@@ -381,7 +393,7 @@ def restore_training_state(ckpt: dict, ckpt_path, optimizer, scheduler, mileston
                            cfg: run_py.InputConfig) -> tuple:
     """(global_step, samples_streamed) after loading optimizer / scheduler / scaler states that are present."""
     if "optimizer" in ckpt:
-        load_optimizer_state(optimizer, ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"], from_torch=not written_by_cstorch(ckpt))
     global_step = int(ckpt.get("global_step", 0))
     if "lr_scheduler" in ckpt:
         state = ckpt["lr_scheduler"]
@@ -487,7 +499,8 @@ def make_train_step(compiled, optimizer, scheduler, grad_scaler, params: list, m
         optimizer.zero_grad()
         scheduler.step()
         real_tokens = (batch["key_padding_mask"] == 0).sum()
-        return loss, norm, real_tokens
+        # outputs in float32: a cbfloat16 tensor cannot be brought to the host
+        return loss.float(), norm.float(), real_tokens
 
     return train_step
 
@@ -568,6 +581,8 @@ def train(args, rc: run_py.RunConfig, sections: dict, llava, compiled, amp, ckpt
             after_step(step, loss, grad_norm, real_tokens)  # before save: a NaN loss stops the checkpoint
             save(step)
         if args.compile_only or args.validate_only:
+            if args.mode == "train_and_eval":  # the eval graph too
+                evaluate(args, rc, sections["eval_input"], model_cfg, compiled, amp, end, model_dir)
             log.info("%s finished; nothing was trained", "Compile" if args.compile_only else "Validation")
             bar.close()
             logger.close()
