@@ -123,6 +123,10 @@ def importable_sections(sections: dict) -> dict:
 # Backend and precision
 
 
+def num_csx(args) -> int:
+    return args.num_csx if args.cstorch_backend == "CSX" else 1
+
+
 def make_backend(args, model_dir: Path):
     """cstorch.backend("CSX", cluster options) or, for testing without a system, cstorch.backend("CPU")."""
     import cerebras.pytorch as cstorch
@@ -177,7 +181,7 @@ def make_grad_scaler(opt_cfg: run_py.OptimizerConfig, params: dict, half: Option
         if factor not in (1, 1.0, None):
             raise SystemExit(f"optimizer.loss_scaling_factor: {factor!r}; cbfloat16 needs 'dynamic' loss scaling")
         factor = "dynamic"
-    raw = params.get("optimizer") or {}  # GradScaler settings run_py.OptimizerConfig lists as ignored
+    raw = params.get("optimizer") or {}  # GradScaler settings that run.py's OptimizerConfig accepts as ignored
     options = {"init_scale": raw.get("initial_loss_scale"), "steps_per_increase": raw.get("steps_per_increase"),
                "min_loss_scale": raw.get("min_loss_scale"), "max_loss_scale": raw.get("max_loss_scale")}
     log.info("Loss scaling: %s", factor)
@@ -342,15 +346,16 @@ def host_dataset(cfg: run_py.InputConfig, model_cfg, where: str):
     return dataset
 
 
-def set_micro_batch_size(cfg: run_py.InputConfig) -> None:
-    """train/eval_input.micro_batch_size -> the CSX compiler's tiling (None leaves cstorch's "auto")."""
+def set_micro_batch_size(cfg: run_py.InputConfig, systems: int) -> None:
+    """train/eval_input.micro_batch_size -> the CSX compiler's tiling of each system's share of the batch
+    (None: cstorch's "auto"). Set before every executor: train and eval may differ."""
     import cerebras.pytorch as cstorch
 
-    if cfg.micro_batch_size is not None:
-        if cfg.batch_size % cfg.micro_batch_size:
-            raise SystemExit(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
-                             f"{cfg.micro_batch_size}; change micro_batch_size")
-        cstorch.backends.csx.performance.micro_batch_size = cfg.micro_batch_size
+    micro = cfg.micro_batch_size
+    if micro is not None and (cfg.batch_size % systems or (cfg.batch_size // systems) % micro):
+        raise SystemExit(f"batch_size {cfg.batch_size} over {systems} system(s) is not a multiple of "
+                         f"micro_batch_size {micro}; change micro_batch_size")
+    cstorch.backends.csx.performance.micro_batch_size = "auto" if micro is None else micro
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +531,7 @@ def train(args, rc: run_py.RunConfig, sections: dict, llava, compiled, amp, ckpt
                  samples_streamed, global_step, cfg.batch_size, global_step * cfg.batch_size)
     train_step = make_train_step(compiled, optimizer, scheduler, grad_scaler, trainable,
                                  opt_cfg.max_gradient_norm, amp)
-    set_micro_batch_size(cfg)
+    set_micro_batch_size(cfg, num_csx(args))
     lr_at = run_py.lr_schedule(opt_cfg.learning_rate)  # the step's lr, as cstorch computes it on the device
 
     logger = run_py.Logger(model_dir, "train", True)
@@ -540,8 +545,8 @@ def train(args, rc: run_py.RunConfig, sections: dict, llava, compiled, amp, ckpt
         loss_value = float(loss)
         if rc.check_loss_values and not math.isfinite(loss_value):
             raise run_py.NonFiniteLoss(f"Loss is {loss_value} at step {step}; the last good checkpoint is "
-                                    f"{state['last_ckpt'] or 'none (no checkpoint written yet)'}. Lower the "
-                                    "learning rate or check the data around this step.")
+                                       f"{state['last_ckpt'] or 'none (no checkpoint written yet)'}. Lower the "
+                                       "learning rate or check the data around this step.")
         state["samples"] += cfg.batch_size
         state["tokens"] += float(real_tokens)
         bar.update(1)
@@ -590,7 +595,7 @@ def train(args, rc: run_py.RunConfig, sections: dict, llava, compiled, amp, ckpt
         if args.mode == "train_and_eval":
             results = evaluate(args, rc, sections["eval_input"], model_cfg, compiled, amp, end, model_dir)
             compiled.train()
-            set_micro_batch_size(cfg)
+            set_micro_batch_size(cfg, num_csx(args))
     bar.close()
     logger.close()
     if args.mode == "train_and_eval" and global_step >= rc.max_steps:  # nothing left to train: evaluate once
@@ -612,7 +617,7 @@ def segments(global_step: int, rc: run_py.RunConfig, mode: str) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation (the metrics of run_py.evaluate)
+# Evaluation (the metrics of run.evaluate)
 
 
 def make_eval_step(compiled, amp):
@@ -654,7 +659,7 @@ def evaluate(args, rc: run_py.RunConfig, cfg: run_py.InputConfig, model_cfg, com
     batches = len(dataset) // cfg.batch_size
     if rc.eval_steps:
         batches = min(batches, rc.eval_steps)
-    set_micro_batch_size(cfg)
+    set_micro_batch_size(cfg, num_csx(args))
     eval_step = make_eval_step(compiled, amp)
     totals = torch.zeros(5, dtype=torch.float64)  # loss, tokens, correct, first_correct, first_total
     first_answers: dict = {}
