@@ -151,9 +151,9 @@ class Attention(nn.Module):
         q = self.proj_q_dense_layer(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.proj_k_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.proj_v_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if rotary is not None:
-            q = apply_interleaved_rotary(q, *rotary)
-            k = apply_interleaved_rotary(k, *rotary)
+        if rotary is not None:  # fp32 tables: cast back so q, k, v share a dtype (half outputs on CSX)
+            q = apply_interleaved_rotary(q, *rotary).to(v.dtype)
+            k = apply_interleaved_rotary(k, *rotary).to(v.dtype)
         if self.num_kv_heads != self.num_heads:  # torch 2.4 has no enable_gqa flag
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)

@@ -540,6 +540,11 @@ def set_optimizer_state(wrapped, optimizer, state, rc: RunConfig, rt: Runtime):
 
         set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
+        # cstorch's AdamW state also carries beta1_power/beta2_power; ours derives them from `step`, so keep only
+        # what this optimizer uses (a stale copy would otherwise travel on into our own checkpoints).
+        kept = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
+        state = dict(state, state={i: {k: v for k, v in s.items() if k in kept}
+                                   for i, s in state.get("state", {}).items()})
         optimizer.load_state_dict(state)
 
 
