@@ -248,3 +248,13 @@ def test_lr_schedule_is_sequential_with_cumulative_milestones():
     ])
     assert fn(0) == 0.0 and fn(5) == pytest.approx(0.5) and fn(10) == pytest.approx(1.0)
     assert fn(20) == pytest.approx(0.5) and fn(30) == pytest.approx(0.0) and fn(100) == pytest.approx(0.0)
+
+
+def test_csx_without_cerebras_names_the_requirements_file(data, tmp_path):
+    try:
+        import cerebras.pytorch  # noqa: F401
+        pytest.skip("cerebras.pytorch is installed here (the CSX path is tested in test_run_csx.py)")
+    except ImportError:
+        pass
+    with pytest.raises(SystemExit, match="requirements-csx.txt"):
+        run.main(cli("CSX", "train", PHASE2, tmp_path, data, 2))
