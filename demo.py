@@ -13,11 +13,11 @@ The demo's questions (colour, shape, position, count of drawn shapes) can only b
 image, so first-answer-token accuracy far above the majority-answer baseline shows the image reaches the LM.
 Options shrink it for tests: --num_train, --phase1_steps, --phase2_steps (tests/test_demo.py runs a reduced size).
 
-Why it learns in minutes: the images are drawn at the ViT's input size (48x48, read from the tiny yaml), so the
-16x16 patches are exactly the 3x3 grid cells the shapes are drawn in: each of the 9 image tokens holds one whole
-cell, and colour, count, position and shape become per-token features the projector and LM can pick up. The
-stages run with one torch thread each (--threads): the tiny model's matrices are too small to gain from more, and
-on a busy machine extra threads mostly spin.
+Why it learns in minutes: the tiny yamls resize the 64x64 images to the ViT's 48x48, so its 16x16 patches are
+exactly the 3x3 grid cells the shapes are drawn in: each of the 9 image tokens holds one whole cell, and colour,
+count, position and shape become per-token features the projector and LM can pick up. The stages run with one
+torch thread each (--threads): the tiny model's matrices are too small to gain from more, and on a busy machine
+extra threads mostly spin.
 """
 
 import argparse
@@ -48,20 +48,6 @@ def run(cmd: list, quiet: bool, threads: int) -> None:
     print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def model_image_size() -> int:
-    """The tiny ViT's square input size; both phase yamls must agree (the images are drawn at this size)."""
-    import yaml
-
-    sizes = {}
-    for path in PHASE_PARAMS.values():
-        with open(ROOT / path) as f:
-            sizes[path] = tuple(yaml.safe_load(f)["model"]["image_model"]["image_size"])
-    if len(set(sizes.values())) != 1 or len(set(next(iter(sizes.values())))) != 1:
-        raise SystemExit(f"demo: model.image_model.image_size must be the same square size in both tiny yamls; "
-                         f"found {sizes}")
-    return next(iter(sizes.values()))[0]
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_out", help="everything the demo writes (replaced)")
@@ -73,7 +59,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per stage (OMP_NUM_THREADS)")
     parser.add_argument("--quiet", action="store_true", help="hide the stages' own output")
     args = parser.parse_args(argv)
-    image_size = model_image_size()
 
     out = Path(args.output_dir).resolve()
     if out.exists():
@@ -83,7 +68,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
 
     run([py, "preprocess_dataset.py", "synthetic_shapes", "--output_dir", data, "--num_train", args.num_train,
-         "--num_eval", args.num_eval, "--image_size", image_size, "--no_progress"], args.quiet, args.threads)
+         "--num_eval", args.num_eval, "--no_progress"], args.quiet, args.threads)
     for phase, name in ((1, "LlavaPhaseOne"), (2, "LlavaPhaseTwo")):
         for split in ("train", "eval"):
             run([py, "create_hdf5_dataset.py", name, "--params", f"configs/demo_phase_{phase}_preproc.yaml",
