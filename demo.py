@@ -1,6 +1,10 @@
 """The whole LLaVA pipeline on the embedded demo dataset, on CPU, in a few minutes.
 
     python demo.py                      # writes demo_out/, prints each stage's command and a summary
+    python demo.py --num_train 1000 --phase1_steps 150 --phase2_steps 200    # reduced size (tests/test_demo.py)
+
+Measured on 2 shared CPU cores: the default takes about 3 minutes and answers about 95% of the held-out questions'
+first word right (uniform chance over each question's answers: 21%); the reduced size about 75 s and 61%.
 
 Stages (each is the documented command, printed before it runs):
   1. preprocess_dataset.py synthetic_shapes      -> images, phase-1 captions, phase-2 questions, tokenizer
@@ -11,7 +15,7 @@ Stages (each is the documented command, printed before it runs):
 
 The demo's questions (colour, shape, position, count of drawn shapes) can only be answered by looking at the
 image, so first-answer-token accuracy far above the majority-answer baseline shows the image reaches the LM.
-Options shrink it for tests: --num_train, --phase1_steps, --phase2_steps (tests/test_demo.py runs a reduced size).
+Options shrink it for tests: --num_train, --phase1_steps, --phase2_steps.
 
 Why it learns in minutes: the tiny yamls resize the 64x64 images to the ViT's 48x48, so its 16x16 patches are
 exactly the 3x3 grid cells the shapes are drawn in: each of the 9 image tokens holds one whole cell, and colour,
