@@ -89,8 +89,10 @@ def test_state_dict_names_follow_cerebras_layout():
         assert key in keys, key
     assert "text_model.transformer_decoder.layers.0.self_attn.proj_q_dense_layer.bias" not in keys
     assert "image_model.embedding_layer.linear_proj.bias" not in keys
-    # CLS position row is stored last: 16 patches + 1
-    assert llava.model.state_dict()["image_model.embedding_layer.position_embeddings.weight"].shape[0] == 17
+    # one position row per patch plus the CLS row (stored last)
+    im = llava.config.image_model
+    patches = (im.image_size[0] // im.patch_size[0]) * (im.image_size[1] // im.patch_size[1])
+    assert llava.model.state_dict()["image_model.embedding_layer.position_embeddings.weight"].shape[0] == patches + 1
 
 
 def test_tied_embeddings_share_one_tensor():
