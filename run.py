@@ -24,14 +24,11 @@ only (phase 2 from phase 1). Converted checkpoints (keys without `model.`) load 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
 import re
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -898,20 +895,25 @@ def evaluate(rt: Runtime, rc: RunConfig, cfg: Optional[InputConfig], model_cfg, 
         "eval_tokens": int(reduced["tokens"]), "eval_answers": int(reduced["first_total"]),
     }
     if rt.is_main:
-        logger = Logger(model_dir, "eval", True)
-        logger.log(step, {k: v for k, v in metrics.items() if k != "step"},
-                   f"| Eval Step={step}, Loss={loss:.5f}, Perplexity={metrics['perplexity']:.3f}, "
-                   f"Accuracy={metrics['accuracy']:.4f}, FirstAnswerTokenAccuracy="
-                   f"{metrics['first_answer_token_accuracy']:.4f} (majority baseline "
-                   f"{metrics['majority_first_answer_baseline']:.4f})")
-        logger.close()
-        out = model_dir / f"eval_{step}.json"
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, out)
+        report_eval(model_dir, step, metrics)
     if was_training:
         wrapped.train()
     return metrics
+
+
+def report_eval(model_dir: Path, step: int, metrics: dict, detail: str = "") -> None:
+    """Eval metrics to the console, TensorBoard (model_dir/eval) and model_dir/eval_<step>.json (atomically)."""
+    logger = Logger(model_dir, "eval", True)
+    logger.log(step, {k: v for k, v in metrics.items() if k != "step"},
+               f"| Eval Step={step}, Loss={metrics['loss']:.5f}, Perplexity={metrics['perplexity']:.3f}, "
+               f"Accuracy={metrics['accuracy']:.4f}, FirstAnswerTokenAccuracy="
+               f"{metrics['first_answer_token_accuracy']:.4f} (majority baseline "
+               f"{metrics['majority_first_answer_baseline']:.4f}){detail}")
+    logger.close()
+    out = model_dir / f"eval_{step}.json"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out)
 
 
 # ----------------------------------------------------------------------------------------------

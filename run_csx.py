@@ -649,9 +649,6 @@ def make_eval_step(compiled, amp):
 
 def evaluate(args, rc: run_py.RunConfig, cfg: run_py.InputConfig, model_cfg, compiled, amp, step: int,
              model_dir: Path) -> dict:
-    import json
-    import os
-
     import cerebras.pytorch as cstorch
     import torch
 
@@ -688,15 +685,5 @@ def evaluate(args, rc: run_py.RunConfig, cfg: run_py.InputConfig, model_cfg, com
         "majority_first_answer_baseline": majority / max(first_total, 1.0),
         "eval_tokens": int(tokens), "eval_answers": int(first_total),
     }
-    logger = run_py.Logger(model_dir, "eval", True)
-    logger.log(step, {k: v for k, v in metrics.items() if k != "step"},
-               f"| Eval Step={step}, Loss={loss:.5f}, Perplexity={metrics['perplexity']:.3f}, "
-               f"Accuracy={metrics['accuracy']:.4f}, FirstAnswerTokenAccuracy="
-               f"{metrics['first_answer_token_accuracy']:.4f} (majority baseline "
-               f"{metrics['majority_first_answer_baseline']:.4f}) over {batches} batches of {cfg.batch_size}")
-    logger.close()
-    out = model_dir / f"eval_{step}.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out)
+    run_py.report_eval(model_dir, step, metrics, f" over {batches} batches of {cfg.batch_size}")
     return metrics

@@ -27,15 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 LLAMA2 = ROOT.parent / "shared" / "reference_data" / "tokenizer" / "llama2_hf"
 
-CAPTION_PROMPTS = ["Describe the image concisely.", "Provide a brief description of the given image.",
-                   "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
-                   "Give a short and clear explanation of the subsequent image.",
-                   "Share a concise interpretation of the image provided.",
-                   "Present a compact description of the photo's key features.",
-                   "Relay a brief, clear account of the picture shown.",
-                   "Render a clear and concise summary of the photo.",
-                   "Write a terse but informative summary of the picture.",
-                   "Create a compact narrative representing the image presented."]
+from preprocess_dataset import CAPTION_QUESTIONS as CAPTION_PROMPTS  # noqa: E402  (LCS-558K's caption prompts)
 WORDS = ("a the of with in on and grey watch army style strap luxury furniture memory foam mattress topper floral "
          "watercolor rose flower border pink bus street people vehicles crowded white red blue green cat couch "
          "living room back positioned top book author title instruction wisdom humor happy life rewarding dog "
