@@ -156,6 +156,11 @@ def parse_sections(params: dict):
     out.setdefault("runconfig", RunConfig())
     out.setdefault("optimizer", OptimizerConfig())
     out["model"] = M.parse_model_config(params.get("model"))
+    for name in ("train_input", "eval_input"):
+        if name in out and out[name].fp16_type not in ("bfloat16", "cbfloat16", "float16"):
+            raise M.ConfigError(f"{name}.fp16_type: {out[name].fp16_type!r}; use bfloat16, cbfloat16 or float16")
+        if name in out and out[name].on_bad_image not in ("error", "text_only"):
+            raise M.ConfigError(f"{name}.on_bad_image: {out[name].on_bad_image!r}; use 'error' or 'text_only'")
     rc = out["runconfig"]
     if rc.keep_checkpoints is not None:
         rc.max_checkpoints = rc.keep_checkpoints
@@ -402,7 +407,7 @@ def load_checkpoint_file(path: Path) -> dict:
                          "are accepted (weights_only=True).") from None
 
 
-def model_state_for(module, state: dict) -> dict:
+def model_state_for(state: dict) -> dict:
     """Checkpoint weights for LlavaModel: converted checkpoints (no `model.` prefix) go to the inner Llava."""
     if state and not all(k.startswith("model.") for k in state):
         return {f"model.{k}": v for k, v in state.items()}
@@ -410,8 +415,11 @@ def model_state_for(module, state: dict) -> dict:
 
 
 def load_model_weights(module, state: dict, strict: bool, path) -> None:
-    state = model_state_for(module, state)
-    result = module.load_state_dict(state, strict=False)
+    state = model_state_for(state)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        raise SystemExit(f"Checkpoint {path} does not fit the model of --params: {str(e).strip()[:1500]}") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if strict and (missing or unexpected):
         raise SystemExit(f"Checkpoint {path} does not match the model: {len(missing)} missing keys "

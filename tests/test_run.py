@@ -258,3 +258,18 @@ def test_csx_without_cerebras_names_the_requirements_file(data, tmp_path):
         pass
     with pytest.raises(SystemExit, match="requirements-csx.txt"):
         run.main(cli("CSX", "train", PHASE2, tmp_path, data, 2))
+
+
+def test_checkpoint_with_wrong_shapes_names_the_problem(data, tmp_path):
+    params = run.apply_overrides(run.load_params(PHASE2, []), overrides(data, 2))
+    state = M.LlavaModel(params["model"]).state_dict()
+    key = "model.text_model.embedding_layer.word_embeddings.weight"
+    state[key] = torch.zeros(state[key].shape[0] + 5, state[key].shape[1])
+    torch.save({"model": state}, tmp_path / "wide.mdl")
+    with pytest.raises(SystemExit, match=r"(?s)does not fit the model.*size mismatch for model.text_model.embedding_layer.word_embeddings"):
+        run.main(cli("CPU", "train", PHASE2, tmp_path / "o", data, 2, "--checkpoint_path", str(tmp_path / "wide.mdl")))
+
+
+def test_bad_fp16_type_is_a_config_error(data, tmp_path):
+    with pytest.raises(SystemExit, match=r"train_input.fp16_type: 'half'"):
+        run.main(cli("CPU", "train", PHASE2, tmp_path, data, 2, **{"train_input.fp16_type": "half"}))
