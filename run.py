@@ -526,30 +526,47 @@ def wrap_model(llava, rt: Runtime, rc: RunConfig):
         llava, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
+def trainable_names(wrapped) -> list:
+    """Names of the optimizer's parameters, in its order (the order make_optimizer received them)."""
+    module = getattr(wrapped, "module", wrapped)
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
 def full_state(wrapped, optimizer, rc: RunConfig, rt: Runtime):
-    """(model_state, optimizer_state) as full, unsharded, CPU dicts (called on every rank)."""
+    """(model_state, optimizer_state) as full, unsharded, CPU dicts (called on every rank).
+
+    The optimizer state is always stored as torch's index-keyed state_dict, so a checkpoint resumes under any
+    strategy and process count (FSDP's full state is keyed by parameter name and is converted)."""
     if rt.world_size > 1 and rc.distributed_strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(wrapped, options=opts),
-                get_optimizer_state_dict(wrapped, optimizer, options=opts))
+        model_state = get_model_state_dict(wrapped, options=opts)
+        by_name = get_optimizer_state_dict(wrapped, optimizer, options=opts)
+        if not by_name:  # with cpu_offload only rank 0 receives the full state
+            return model_state, {}
+        index = {name: i for i, name in enumerate(trainable_names(wrapped))}
+        opt_state = {"state": {index[n]: v for n, v in by_name["state"].items()},
+                     "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in by_name["param_groups"]]}
+        return model_state, opt_state
     module = getattr(wrapped, "module", wrapped)
     return module.state_dict(), optimizer.state_dict()
 
 
 def set_optimizer_state(wrapped, optimizer, state, rc: RunConfig, rt: Runtime):
+    # cstorch's AdamW state also carries beta1_power/beta2_power; ours derives them from `step`, so keep only
+    # what this optimizer uses (a stale copy would otherwise travel on into our own checkpoints).
+    kept = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
+    state = dict(state, state={i: {k: v for k, v in s.items() if k in kept} for i, s in state.get("state", {}).items()})
     if rt.world_size > 1 and rc.distributed_strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        names = trainable_names(wrapped)
+        by_name = {"state": {names[int(i)]: v for i, v in state["state"].items()},
+                   "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]]) for g in state["param_groups"]]}
+        set_optimizer_state_dict(wrapped, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
     else:
-        # cstorch's AdamW state also carries beta1_power/beta2_power; ours derives them from `step`, so keep only
-        # what this optimizer uses (a stale copy would otherwise travel on into our own checkpoints).
-        kept = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
-        state = dict(state, state={i: {k: v for k, v in s.items() if k in kept}
-                                   for i, s in state.get("state", {}).items()})
         optimizer.load_state_dict(state)
 
 

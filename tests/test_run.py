@@ -205,6 +205,15 @@ def test_fsdp_two_processes_match_one_process(data, tmp_path):
     assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in a)
     wa, wb = weights(one / "checkpoint_2.mdl")["model"], weights(two / "checkpoint_2.mdl")["model"]
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # the FSDP checkpoint (full optimizer state) resumes in a single process, and FSDP resumes the other way
+    assert weights(two / "checkpoint_2.mdl")["optimizer"].keys() == weights(one / "checkpoint_2.mdl")["optimizer"].keys()
+    run.main(cli("CPU", "train", PHASE2, two, data, 2, steps=3))
+    run.main(cli("CPU", "train", PHASE2, one, data, 2, steps=3))
+    result = torchrun(2, cli("CPU", "train", PHASE2, one, data, 2, steps=4, **{"runconfig.distributed_strategy": "fsdp"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run.main(cli("CPU", "train", PHASE2, two, data, 2, steps=4))
+    wa, wb = weights(one / "checkpoint_4.mdl")["model"], weights(two / "checkpoint_4.mdl")["model"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 # ----------------------------------------------------------------------------------------------
