@@ -781,7 +781,7 @@ def parse_size(text) -> int:
 
 def read_json(path: Path) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise ConversionError(f"{path}: not found") from None
@@ -1017,7 +1017,7 @@ def read_cs_yaml(path: Path) -> dict:
     if path.is_dir():
         raise ConversionError(f"--config {path} is a folder; for --src-fmt cs-2.2 pass the params yaml")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             params = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConversionError(f"--config {path}: not found") from None
@@ -1040,10 +1040,11 @@ def guess_format(path: Path) -> Optional[str]:
     config = path / "config.json"
     if config.is_file():
         try:
-            if "vision_config" in read_json(config) and "text_config" in read_json(config):
-                return "llava-hf"
+            fields = read_json(config)
         except ConversionError:
             return None
+        if "vision_config" in fields and "text_config" in fields:
+            return "llava-hf"
     return None
 
 
@@ -1382,6 +1383,12 @@ def llava_tokenizer(folder: Path):
     return tok
 
 
+def llava_hf_vocab_rows(n_tokens: int, vocab: int) -> int:
+    """Embedding rows of the llava-hf output: `vocab` when the tokenizer fits, else rounded up to a multiple of
+    64 as llava-hf does (32000 + <image> + <pad> -> 32064)."""
+    return vocab if n_tokens <= vocab else math.ceil(n_tokens / 64) * 64
+
+
 def grow_rows(t, rows: int):
     """Append rows (new tokens) set to the mean of the existing ones; unused by the image path, harmless for pad."""
     import torch
@@ -1399,7 +1406,7 @@ def convert_cs_to_llava_hf(checkpoint: Path, config: Optional[Path], out_dir: Pa
     state, cfg, _, expected = _load_cs_and_config(Path(checkpoint), config)
     tok = llava_tokenizer(_tokenizer_dir(opts, Path(checkpoint), required=True))
     vocab = cfg.text_model.vocab_size
-    rows = vocab if len(tok) <= vocab else math.ceil(len(tok) / 64) * 64  # as llava-hf: 32000 + 2 -> 32064
+    rows = llava_hf_vocab_rows(len(tok), vocab)
     if rows != vocab:
         print(f"Growing embeddings and lm_head from {vocab} to {rows} rows for {IMAGE_TOKEN} and {PAD_TOKEN}",
               file=sys.stderr)
@@ -1535,18 +1542,14 @@ def cmd_convert_config(args) -> int:
     src = Path(args.config_file)
     out = Path(args.output_dir) if args.output_dir else (src if src.is_dir() else src.parent)
     out.mkdir(parents=True, exist_ok=True)
-    if pair == ("cs", "cs"):
-        section = read_cs_yaml(src)
-        parse_cs_config(section)
-        path = out / f"config_to_{_cs_name(args.tgt_fmt)}.yaml"
-        _write_yaml(path, {"model": section})
-        written = [path]
-    elif pair[1] == "cs":
-        if pair[0] == "hf":
+    if pair[1] == "cs":
+        if pair[0] == "cs":
+            section = read_cs_yaml(src)
+        elif pair[0] == "hf":
             section = hf_configs_to_cs(*read_hf_configs(src))
         else:
             section = llava_hf_config_to_cs(read_json(_llava_hf_config_path(src)))
-        parse_cs_config(section)  # the converted section must be one run.py accepts
+        parse_cs_config(section)  # the (converted) section must be one run.py accepts
         path = out / f"config_to_{_cs_name(args.tgt_fmt)}.yaml"
         _write_yaml(path, {"model": section})
         written = [path]
@@ -1563,7 +1566,7 @@ def cmd_convert_config(args) -> int:
         else:  # without a tokenizer, assume llava-hf's: <image> = vocab, <pad> = vocab + 1
             vocab = cfg.text_model.vocab_size
             hf_config = cs_to_llava_hf_config(cfg, vocab, vocab + 1)
-            hf_config["text_config"]["vocab_size"] = math.ceil((vocab + 2) / 64) * 64
+            hf_config["text_config"]["vocab_size"] = llava_hf_vocab_rows(vocab + 2, vocab)
             written = [out / "config.json"]
             _write_json(written[0], hf_config)
     print(f"Config saved to {', '.join(map(str, written))}")
