@@ -996,11 +996,10 @@ def preprocess(mode: str, cfg: PreprocConfig, overwrite: bool = False, progress:
         print("note: ftfy is not installed, so dataset.use_ftfy only applies unicode normalisation "
               f"({cfg.dataset.ftfy_normalizer}); install ftfy for Cerebras-identical text cleaning", file=sys.stderr)
     show = cfg.processing.display_pbar if progress is None else progress
-    cfg_dict = cfg.to_dict()
-    cfg_dict["setup"]["processes"] = nproc
     file_strs = [str(f) for f in files]
     t0 = time.perf_counter()
-    states = _run_workers(nproc, cfg_dict, phase, file_strs, show, count_records(files) if show else None)
+    # the workers rebuild their config from the params just written (parse_config does not modify it)
+    states = _run_workers(nproc, params, phase, file_strs, show, count_records(files) if show else None)
     elapsed = time.perf_counter() - t0
     result = _summarise(params, states, layout)
     _verify_outputs(out, layout.msl, result)
