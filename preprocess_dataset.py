@@ -797,6 +797,45 @@ def iter_parquet_batches(path: Path, columns: list[str] | None, required: list[s
         report.skip(err, str(path))
 
 
+def convert_parquet_file(path: Path, output_jsonl: Path, sidecar: ParquetSidecar, convert_row, *,
+                         columns: list[str] | None, required: list[str], batch_size: int, unit: str,
+                         report: Report, progress: bool, where: Callable[[int], str] | None = None) -> None:
+    """Shared loop of synthdog_en and arxivcap: every row of one parquet file -> `output_jsonl` (+ sidecar).
+
+    `convert_row(row, item)` returns (records, sidecar id, sidecar llava value) or raises BadRecord, which is
+    counted at `where(row)` (default "<file> row <n>")."""
+    def records() -> Iterator[dict]:
+        batches = iter_parquet_batches(path, columns, required, batch_size, report)
+        total = next(batches, None)
+        bar = progress_bar(None, progress, path.name, total=total, unit=unit) if progress else None
+        row = 0
+        for batch in batches:
+            keep, ids, out = [], [], []
+            for i, item in enumerate(batch.to_pylist()):
+                row += 1
+                try:
+                    recs, row_id, llava = convert_row(row - 1, item)
+                except BadRecord as err:
+                    report.skip(err, where(row - 1) if where else f"{path.name} row {row - 1}")
+                    continue
+                keep.append(i)
+                ids.append(row_id)
+                out.append(llava)
+                yield from recs
+            sidecar.write(batch, keep, ids, out)
+            if bar is not None:
+                bar.update(batch.num_rows)
+        if bar is not None:
+            bar.close()
+
+    ok = False
+    try:
+        write_jsonl_or_note(output_jsonl, records(), report)
+        ok = True
+    finally:
+        sidecar.close(ok)
+
+
 def convert_synthdog_en(input_dir, output_jsonl_dir, output_image_dir, image_prefix, *, output_parquet_dir=None,
                         parquet_range=None, seed=0, strict=False, progress=True) -> Report:
     """SynthDoG-EN parquet shards -> one `.jsonl` per shard + PNGs under output_image_dir/<split>/<shard>/."""
@@ -809,43 +848,22 @@ def convert_synthdog_en(input_dir, output_jsonl_dir, output_image_dir, image_pre
         prefix = posixpath.join(image_prefix, split, shard)
         # One stream per shard: a shard's prompts do not depend on which other shards are selected.
         rng = random.Random(f"synthdog_en:{seed}:{path.name}")
+
+        def convert_row(row: int, item: dict, rng=rng, image_dir=image_dir, prefix=prefix):
+            row_id = f"{row:07d}"
+            question = rng.choice(CAPTION_QUESTIONS)  # drawn for every row: stable streams
+            record = synthdog_record(row_id, item.get("ground_truth"), question, prefix)
+            image = item.get("image") or {}
+            data = image.get("bytes") if isinstance(image, dict) else None
+            save_png(decode_image(data), image_dir / f"{row_id}.png")
+            return [record], row_id, record
+
         sidecar = ParquetSidecar(
             Path(output_parquet_dir) / (path.stem + ".parquet") if output_parquet_dir else None, llava_arrow_type())
-        ok = False
-        try:
-            def records() -> Iterator[dict]:
-                row = 0
-                batches = iter_parquet_batches(path, None, ["image", "ground_truth"], 64, report)
-                total = next(batches, None)
-                bar = progress_bar(None, progress, path.name, total=total, unit="img") if progress else None
-                for batch in batches:
-                    keep, ids, out = [], [], []
-                    for i, item in enumerate(batch.to_pylist()):
-                        row_id = f"{row:07d}"
-                        row += 1
-                        question = rng.choice(CAPTION_QUESTIONS)  # drawn for every row: stable streams
-                        try:
-                            record = synthdog_record(row_id, item.get("ground_truth"), question, prefix)
-                            image = item.get("image") or {}
-                            data = image.get("bytes") if isinstance(image, dict) else None
-                            save_png(decode_image(data), image_dir / f"{row_id}.png")
-                        except BadRecord as err:
-                            report.skip(err, f"{path.name} row {row - 1} (id {row_id})")
-                            continue
-                        keep.append(i)
-                        ids.append(row_id)
-                        out.append(record)
-                        yield record
-                    sidecar.write(batch, keep, ids, out)
-                    if bar is not None:
-                        bar.update(batch.num_rows)
-                if bar is not None:
-                    bar.close()
-
-            write_jsonl_or_note(Path(output_jsonl_dir) / (path.stem + ".jsonl"), records(), report)
-            ok = True
-        finally:
-            sidecar.close(ok)
+        convert_parquet_file(path, Path(output_jsonl_dir) / (path.stem + ".jsonl"), sidecar, convert_row,
+                             columns=None, required=["image", "ground_truth"], batch_size=64, unit="img",
+                             report=report, progress=progress,
+                             where=lambda row, name=path.name: f"{name} row {row} (id {row:07d})")
     return report
 
 
@@ -862,8 +880,7 @@ def arxivcap_records(caption_images, image_prefix: str, report: Report, save: Ca
             image_file = safe_relpath(field(pair, "image_file"))
             image = field(pair, "image", (dict,))
             save(image_file, image.get("bytes"))
-        if len(pairs) == 1:
-            image_file = safe_relpath(pairs[0]["image_file"])
+        if len(pairs) == 1:  # image_file is that one figure's
             records.append(llava_record(
                 PurePosixPath(image_file).stem,
                 posixpath.join(image_prefix, image_file),
@@ -891,39 +908,16 @@ def convert_arxivcap(input_dir, output_jsonl_dir, output_image_dir, image_prefix
         im = decode_image(data)
         save_image_bytes(data, im, Path(output_image_dir) / image_file)
 
+    def convert_row(row: int, item: dict):
+        recs = arxivcap_records(item.get("caption_images"), image_prefix, report, save)
+        return recs, str(row), recs
+
     for path in files:
         sidecar = ParquetSidecar(Path(output_parquet_dir) / path.name if output_parquet_dir else None, list_type)
-        ok = False
-        try:
-            def records() -> Iterator[dict]:
-                row = 0
-                columns = None if output_parquet_dir else ["caption_images"]
-                batches = iter_parquet_batches(path, columns, ["caption_images"], 8, report)
-                total = next(batches, None)
-                bar = progress_bar(None, progress, path.name, total=total, unit="row") if progress else None
-                for batch in batches:
-                    keep, ids, out = [], [], []
-                    for i, item in enumerate(batch.to_pylist()):
-                        row += 1
-                        try:
-                            recs = arxivcap_records(item.get("caption_images"), image_prefix, report, save)
-                        except BadRecord as err:
-                            report.skip(err, f"{path.name} row {row - 1}")
-                            continue
-                        keep.append(i)
-                        ids.append(str(row - 1))
-                        out.append(recs)
-                        yield from recs
-                    sidecar.write(batch, keep, ids, out)
-                    if bar is not None:
-                        bar.update(batch.num_rows)
-                if bar is not None:
-                    bar.close()
-
-            write_jsonl_or_note(Path(output_jsonl_dir) / (path.stem + ".jsonl"), records(), report)
-            ok = True
-        finally:
-            sidecar.close(ok)
+        convert_parquet_file(path, Path(output_jsonl_dir) / (path.stem + ".jsonl"), sidecar, convert_row,
+                             columns=None if output_parquet_dir else ["caption_images"],
+                             required=["caption_images"], batch_size=8, unit="row", report=report,
+                             progress=progress)
     return report
 
 
