@@ -70,3 +70,39 @@ def test_phase2_trains_projector_and_lm_but_not_the_vit(demo_run):
     changed = changed_by_module(initial, checkpoint_model(metrics["phase2_checkpoint"]))
     assert not any(changed["image_model"])
     assert all(changed["text_model"]) and all(changed["projector_image_model"])
+
+
+def test_exported_llava_hf_model_answers_through_transformers(demo_run):
+    """The trained demo model handed to transformers (llava-hf export: weights, processor, chat template) answers the
+    held-out questions with generate() about as well as run.py's own eval measured."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    metrics, out = demo_run
+    root = Path(__file__).resolve().parents[1]
+    export = out / "llava_hf"
+    subprocess.run([sys.executable, str(root / "convert_checkpoint.py"), "convert", "--model", "llava", "--src-fmt",
+                    "cs-2.2", "--tgt-fmt", "llava-hf", "--output-dir", str(export), "--tokenizer-dir",
+                    str(out / "data" / "tokenizer"), "--no-progress-bar", metrics["phase2_checkpoint"]],
+                   check=True, capture_output=True)
+    hf = LlavaForConditionalGeneration.from_pretrained(export).eval()
+    processor = AutoProcessor.from_pretrained(export)
+    records = [json.loads(line) for line in (out / "data" / "phase2" / "eval" / "data.jsonl").read_text().splitlines()]
+    records = [r for r in records if "image" in r][:40]
+    right = 0
+    for r in records:
+        question = r["conversations"][0]["value"].replace("<image>", "").strip()
+        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+        inputs = processor(images=Image.open(out / "data" / "images" / r["image"]), text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            tokens = hf.generate(**inputs, max_new_tokens=3, do_sample=False)
+        answer = processor.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        right += answer.strip().split(" ")[0].strip(".").lower() == r["conversations"][1]["value"].lower()
+    accuracy = right / len(records)
+    assert accuracy >= 2 * metrics["uniform_chance"], (accuracy, metrics)
