@@ -428,6 +428,17 @@ def load_model_weights(module, state: dict, strict: bool, path) -> None:
                          "runconfig.disable_strict_checkpoint_loading: true")
 
 
+def dataloader_position(ckpt: dict, cfg: InputConfig, ckpt_path, default: int) -> int:
+    """Global samples already consumed, from a checkpoint's dataloader state; its order seed must match."""
+    if "dataloader" not in ckpt:
+        return default
+    state = ckpt["dataloader"]
+    if int(state.get("seed", cfg.shuffle_seed)) != cfg.shuffle_seed:
+        raise SystemExit(f"{ckpt_path} was trained with train_input.shuffle_seed {state['seed']}, the config says "
+                         f"{cfg.shuffle_seed}: use the same seed to resume, or load_checkpoint_states: model")
+    return int(state["samples_streamed"])
+
+
 def states_to_load(spec: Optional[str]) -> Optional[set]:
     if spec is None:
         return None
@@ -731,12 +742,7 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
         scheduler.load_state_dict(ckpt["lr_scheduler"])
     if "global_step" in ckpt:
         global_step = int(ckpt["global_step"])
-    if "dataloader" in ckpt:
-        dl_state = ckpt["dataloader"]
-        if int(dl_state.get("seed", cfg.shuffle_seed)) != cfg.shuffle_seed:
-            raise SystemExit(f"{ckpt_path} was trained with train_input.shuffle_seed {dl_state['seed']}, the config "
-                             f"says {cfg.shuffle_seed}: use the same seed to resume, or load_checkpoint_states: model")
-        samples_streamed = int(dl_state["samples_streamed"])
+    samples_streamed = dataloader_position(ckpt, cfg, ckpt_path, samples_streamed)
 
     sampler = hd.ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.shuffle_seed, rank=rt.rank,
                                   world_size=rt.world_size, start_sample=samples_streamed)

@@ -407,14 +407,7 @@ def restore_training_state(ckpt: dict, ckpt_path, optimizer, scheduler, mileston
         scheduler.load_state_dict({k: v for k, v in state.items() if k != "last_step"})
     if grad_scaler is not None and ckpt.get("grad_scaler"):
         grad_scaler.load_state_dict(ckpt["grad_scaler"])
-    samples_streamed = global_step * cfg.batch_size
-    if "dataloader" in ckpt:
-        dl = ckpt["dataloader"]
-        if int(dl.get("seed", cfg.shuffle_seed)) != cfg.shuffle_seed:
-            raise SystemExit(f"{ckpt_path} was trained with train_input.shuffle_seed {dl['seed']}, the config says "
-                             f"{cfg.shuffle_seed}: use the same seed to resume, or load_checkpoint_states: model")
-        samples_streamed = int(dl["samples_streamed"])
-    return global_step, samples_streamed
+    return global_step, run_py.dataloader_position(ckpt, cfg, ckpt_path, global_step * cfg.batch_size)
 
 
 def checkpoint_state(llava, optimizer, scheduler, grad_scaler, step: int, samples_streamed: int, seed: int,

@@ -30,17 +30,6 @@ TRAIN_TEXTS = [c.VICUNA_V1_SYSTEM, c.VICUNA_V0_SYSTEM, "USER: ASSISTANT:", VASE_
 
 
 @pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    """A small Llama-style tokenizer trained with sentencepiece (shared with tests/test_hdf5_reader.py)."""
-    from preprocess_dataset import write_llama_tokenizer
-
-    out = tmp_path_factory.getbasetemp() / "hdf5_trained_tokenizer"
-    if not (out / "tokenizer_config.json").is_file():
-        write_llama_tokenizer(TRAIN_TEXTS, out, vocab_size=400)
-    return out
-
-
-@pytest.fixture(scope="session")
 def tok(tok_dir):
     return c.load_tokenizer(tok_dir)
 

@@ -34,19 +34,6 @@ Q = "\nWhat is the main color of the vase in the image?"
 A = "The vase is blue."
 
 
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    """A small Llama-style tokenizer trained with sentencepiece (shared with test_create_hdf5_dataset.py)."""
-    from preprocess_dataset import write_llama_tokenizer
-
-    out = tmp_path_factory.getbasetemp() / "hdf5_trained_tokenizer"
-    if not (out / "tokenizer_config.json").is_file():
-        from test_create_hdf5_dataset import TRAIN_TEXTS
-
-        write_llama_tokenizer(TRAIN_TEXTS, out, vocab_size=400)
-    return out
-
-
 def noise_image(w, h, seed=0):
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
