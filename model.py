@@ -61,9 +61,15 @@ class ImageModelConfig:
     use_conv_patchified_embedding: bool = True  # conv patchify; required
     use_encoder_pooler_layer: bool = False  # pooler head; not implemented (LLaVA does not use it)
 
-    IGNORED = ("attention_type", "attention_softmax_fp32", "fp16_type", "mixed_precision", "num_classes",
-               "image_layer_norm_epsilon", "attention_module", "layer_norm_type", "extra_attention_params",
-               "default_initializer", "use_bias_in_output", "use_final_layer_norm", "pooler_nonlinearity")
+    IGNORED = ("attention_softmax_fp32", "fp16_type", "mixed_precision", "num_classes", "image_layer_norm_epsilon", "layer_norm_type", "default_initializer", "pooler_nonlinearity",
+               "projection_initializer", "position_embedding_initializer", "cls_token_initializer",
+               "attention_initializer", "ffn_initializer", "norm_first_sandwich_initializer")
+    # ModelZoo keys accepted only at the value that makes them a no-op for a CLIP ViT (other values: an error)
+    NO_OP_VALUES = {"attention_module": ("aiayn_attention",), "extra_attention_params": ({}, None),
+                    "use_bias_in_output": (False,), "use_final_layer_norm": (True,),
+                    "interpolate_position_embedding": (None, False), "stochastic_depth_drop_prob": (0.0,),
+                    "layerscale_value": (None,), "use_masked_patches": (False,), "image_layer_idx": (None,),
+                    "attention_type": ("scaled_dot_product",)}
     REQUIRED_VALUES = {"position_embedding_type": "learned", "norm_first": True, "prepend_cls_token": True,
                        "use_conv_patchified_embedding": True, "use_encoder_pooler_layer": False}
 
@@ -97,11 +103,24 @@ class TextModelConfig:
     initializer_range: float = 0.02  # std of the normal init (training from scratch only)
     norm_first: bool = True  # pre-norm blocks; required
 
-    IGNORED = ("attention_type", "attention_softmax_fp32", "fp16_type", "mixed_precision", "embedding_dropout_rate",
-               "use_ff_layer1_dropout", "use_position_embedding", "embeddings_scale", "output_logits_scale",
-               "scale_qk_dot_by_d", "attention_kernel", "layer_norm_type", "loss_scaling", "loss_weight",
-               "label_smoothing", "z_loss_eps", "use_untied_rotary", "fixed_sparse_attention",
-               "attention_sliding_window_length", "alibi_trainable_slopes", "pos_scaling_type")
+    IGNORED = ("attention_softmax_fp32", "fp16_type", "mixed_precision", "attention_kernel", "layer_norm_type",
+               "loss_scaling", "loss_weight", "fold_rope_consts", "initializer", "embedding_initializer",
+               "output_layer_initializer", "lr_adjustment_groups")
+    ALIASES = {"embedding_dropout_rate": "embd_pdrop"}  # ModelZoo's newer spelling -> the field here
+    # ModelZoo keys accepted only at the value that makes them a no-op for a Llama decoder (other values: an error)
+    NO_OP_VALUES = {"attention_type": ("scaled_dot_product",), "embedding_layer_norm": (False,),
+                    "use_ff_layer1_dropout": (False,), "use_position_embedding": (True,),
+                    "embeddings_scale": (1.0,), "output_logits_scale": (None, 1.0), "scale_qk_dot_by_d": (None, False),
+                    "scale_qk_dot_by_layer_idx": (False,), "attention_logits_alpha": (None, 1.0),
+                    "attention_inner_dim": (None,), "attention_qk_norm_layer": (None,),
+                    "attention_logit_softcapping": (None,), "final_logit_softcapping": (None,),
+                    "attention_sliding_window_length": (None,), "fixed_sparse_attention": (None,),
+                    "attention_sink_tokens": (None,), "alibi_trainable_slopes": (False,),
+                    "use_untied_rotary": (False,), "pos_scaling_type": ("linear", "LINEAR"),
+                    "pos_scaling_extra_args": (None, {}), "rel_distance_mode": ("default",), "pad_rope": (False,),
+                    "position_embedding_offset": (0,), "constant_pos_embedding": (None,),
+                    "norm_first_sandwich": (False,), "cross_attention_layers": ([], None), "memory_tokens": (None,),
+                    "moe": (None, {}), "label_smoothing": (0.0,), "z_loss_eps": (0.0,)}
     REQUIRED_VALUES = {"norm_type": "rmsnorm", "position_embedding_type": "rotary", "norm_first": True}
 
 
@@ -116,6 +135,7 @@ class ProjectorConfig:
 
     IGNORED = ("kernel_initializer", "bias_initializer", "output_layer_initializer", "fp16_type",
                "mixed_precision")
+    NO_OP_VALUES = {"layers_dropout_rates": (None,)}
     REQUIRED_VALUES = {}
 
 
@@ -132,26 +152,48 @@ class LlavaModelConfig:
     loss_weight: float = 1.0  # multiplier (batch_size scaling only)
     activation_checkpointing: bool = False  # recompute transformer layers in backward to save memory
 
-    IGNORED = ("name", "mixed_precision", "fp16_type", "label_smoothing", "z_loss_eps", "projector_text_model",
-               "image_layer_idx", "boundary_casting", "lora_params", "compute_eval_metrics")
+    IGNORED = ("name", "mixed_precision", "fp16_type", "boundary_casting", "compute_eval_metrics")
+    # ModelZoo keys accepted only at their no-op value. label_smoothing / z_loss_eps: ModelZoo's converter writes
+    # them but its LLaVA loss never reads them (plain masked cross-entropy), so 0.0 is the only honest value.
+    NO_OP_VALUES = {"label_smoothing": (0.0,), "z_loss_eps": (0.0,), "projector_text_model": (None,),
+                    "image_layer_idx": (None,), "lora_params": (None, [], {})}
     REQUIRED_VALUES = {}
 
 
 def _parse_section(cls, values: Any, where: str, ignored: list):
-    """Fill dataclass `cls` from a yaml dict; unknown keys fail with the valid ones and the closest match."""
+    """Fill dataclass `cls` from a yaml dict; unknown keys fail with the valid ones and the closest match.
+
+    Per class: IGNORED keys have no effect here at any value; NO_OP_VALUES keys (ModelZoo features this model does
+    not have) are accepted at the value that turns them off and are an error at any other; ALIASES map another
+    spelling onto a field. Accepted-but-unused keys are appended to `ignored` (reported once by the caller)."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}: {values!r}")
     names = [f.name for f in dataclasses.fields(cls)]
+    aliases = getattr(cls, "ALIASES", {})
+    no_ops = getattr(cls, "NO_OP_VALUES", {})
     kwargs = {}
     for key, value in values.items():
-        if key in names:
+        if key in aliases:
+            target = aliases[key]
+            if target in values and values[target] != value:
+                raise ConfigError(f"{where}.{key} ({value!r}) and {where}.{target} ({values[target]!r}) are the same "
+                                  "setting with different values; keep one of them")
+            kwargs[target] = value
+        elif key in names:
             kwargs[key] = value
+        elif key in no_ops:
+            if value not in no_ops[key]:
+                allowed = " or ".join(repr(v) for v in no_ops[key])
+                raise ConfigError(f"{where}.{key}: {value!r} is not supported by this implementation; set it to "
+                                  f"{allowed} or remove it")
+            ignored.append(f"{where}.{key}")
         elif key in cls.IGNORED:
             ignored.append(f"{where}.{key}")
         else:
-            close = difflib.get_close_matches(key, names + list(cls.IGNORED), n=1)
+            known = names + list(cls.IGNORED) + list(no_ops) + list(aliases)
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"Unknown key {where}.{key}.{hint} Valid keys: {', '.join(names)}")
     cfg = cls(**kwargs)
@@ -290,6 +332,35 @@ def freeze_modules(module: nn.Module, patterns: List[str]) -> None:
             m.requires_grad_(False)
         for p in params:
             p.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer parameter groups, as Cerebras ModelZoo builds them (common/optim_utils.configure_param_groups), so
+# optimizer states line up with ModelZoo's in both directions: the trainable parameters split into a weight-decay
+# group and a no-decay group (biases: "bias" in the name; norm weights: parameters of a norm module), in that
+# order, each in named_parameters() order. Both groups exist even when weight_decay is 0.0 (the LLaVA configs).
+
+NO_DECAY_MODULES = (nn.LayerNorm, ml.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.SyncBatchNorm)
+
+
+def param_group_names(module: nn.Module) -> list:
+    """[decay names, no-decay names] of the trainable parameters of `module` (ModelZoo's membership and order)."""
+    norm_params = {id(p) for m in module.modules() if isinstance(m, NO_DECAY_MODULES)
+                   for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if "bias" in name or id(p) in norm_params else decay).append(name)
+    return [decay, no_decay]
+
+
+def optimizer_param_groups(module: nn.Module, weight_decay: float) -> list:
+    """torch/cstorch optimizer param groups: [{params, weight_decay}, {params, weight_decay: 0.0}]."""
+    params = dict(module.named_parameters())
+    decay, no_decay = param_group_names(module)
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
 
 
 FEATURES = ("image_data", "text_input_ids", "loss_mask", "labels", "key_padding_mask")

@@ -182,8 +182,10 @@ def make_adamw(params, lr, betas, eps, weight_decay, correct_bias):
         """cstorch AdamW: upd = m / (sqrt(v) + eps) [* sqrt(1-b2^t) / (1-b1^t)] + wd * p; p -= lr * upd."""
 
         def __init__(self, params):
+            # amsgrad / l2_regularization_rate: cstorch AdamW's other group keys (always off here), kept so a
+            # ModelZoo run that loads this optimizer state finds every key its AdamW reads
             super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                          correct_bias=correct_bias))
+                                          correct_bias=correct_bias, amsgrad=False, l2_regularization_rate=0.0))
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -282,7 +284,8 @@ class LRScheduler:
         return {"last_step": self.last_step}
 
     def load_state_dict(self, state):
-        self.last_step = state["last_step"]
+        # ours: {"last_step": n}; cstorch's (ModelZoo, run_csx.py): last_epoch counts the steps taken
+        self.last_step = int(state["last_step"] if "last_step" in state else state["last_epoch"])
         self._apply()
 
 
@@ -405,6 +408,20 @@ def load_checkpoint_file(path: Path) -> dict:
             return cstorch.load(str(path), map_location="cpu")
         raise SystemExit(f"Cannot load checkpoint {path}: {e}. Only torch.save/cstorch.save files with plain tensors "
                          "are accepted (weights_only=True).") from None
+
+
+def modelzoo_scheduler_key(ckpt: dict) -> dict:
+    """ModelZoo's Trainer (2.3+) stores a list `schedulers` where its 2.2 flow and this project store one
+    `lr_scheduler`; a one-scheduler list is read as `lr_scheduler` so load_checkpoint_states selects it the same."""
+    schedulers = ckpt.get("schedulers")
+    if "lr_scheduler" in ckpt or not schedulers:
+        return ckpt
+    if len(schedulers) != 1:
+        raise SystemExit(f"the checkpoint holds {len(schedulers)} learning-rate schedulers; this project drives one "
+                         "(SequentialLR over optimizer.learning_rate): use load_checkpoint_states: model")
+    out = {k: v for k, v in ckpt.items() if k != "schedulers"}
+    out["lr_scheduler"] = schedulers[0]
+    return out
 
 
 def model_state_for(state: dict) -> dict:
@@ -538,7 +555,88 @@ def wrap_model(llava, rt: Runtime, rc: RunConfig):
 
 
 def trainable_names(wrapped) -> list:
-    """Names of the optimizer's parameters, in its order (the order make_optimizer received them)."""
+    """Names of the optimizer's parameters in its state_dict order: its groups (model.param_group_names) in turn."""
+    import model as M
+
+    return [n for group in M.param_group_names(getattr(wrapped, "module", wrapped)) for n in group]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer-state interchange (ours, older ours, Cerebras ModelZoo's)
+
+CS_CHECKPOINT_VERSION = "2.10.0"  # cerebras.pytorch release whose checkpoint layout run.py's checkpoints follow
+
+
+def checkpoint_metadata(params: dict, writer: str, version: str) -> list:
+    """__metadata__ in ModelZoo's shape: `version` must parse as a PEP 440 version (ModelZoo's compatibility check
+    and --src-fmt cs-auto read it); what this project needs lives under its own key `llava_pipeline`."""
+    import torch
+
+    return [{"version": version, "model_name": "LlavaModel", "params": params,
+             "llava_pipeline": {"writer": writer, "torch": str(torch.__version__)}}]
+
+
+def checkpoint_writer(ckpt: dict) -> str:
+    """"run.py", "run_csx.py" (this project, any age) or "modelzoo" (a cstorch checkpoint written elsewhere)."""
+    meta = (ckpt.get("__metadata__") or [{}])[-1]
+    ours = meta.get("llava_pipeline") or {}
+    if ours.get("writer"):
+        return ours["writer"]
+    version = str(meta.get("version", ""))
+    if version.startswith("llava-torch-"):  # before the ModelZoo-shaped metadata
+        return "run.py"
+    return "run_csx.py" if version.startswith("cstorch-") else "modelzoo"
+
+
+def align_param_groups(state: dict, group_names: list, legacy_names: list, ckpt_path) -> dict:
+    """The saved optimizer state renumbered onto our groups (`group_names`: names per group, in order).
+
+    Same group sizes: taken as is (ours, or ModelZoo's, which groups the same way). One saved group holding all
+    parameters: a checkpoint from before the grouping (indices in `legacy_names` order), moved onto our groups.
+    Anything else cannot be matched safely and is an error."""
+    saved = [len(g["params"]) for g in state["param_groups"]]
+    ours = [len(g) for g in group_names]
+    if saved == ours:
+        return state
+    if len(saved) == 1 and saved[0] == sum(ours) == len(legacy_names):
+        new_index = {n: i for i, n in enumerate(n for g in group_names for n in g)}
+        old_to_new = {i: new_index[n] for i, n in enumerate(legacy_names)}
+        per_param = {old_to_new[int(i)]: v for i, v in state["state"].items()}
+        groups, start = [], 0
+        for size in ours:
+            groups.append(dict(state["param_groups"][0], params=list(range(start, start + size))))
+            start += size
+        groups[1]["weight_decay"] = 0.0  # the no-decay group
+        log.info("%s: optimizer state from a single parameter group, mapped onto the %s groups", ckpt_path, ours)
+        return {**state, "state": per_param, "param_groups": groups}
+    raise SystemExit(f"{ckpt_path}: its optimizer has parameter groups of {saved} tensors, this run's "
+                     f"{ours} (weight decay, no decay); they do not line up, so the optimizer state cannot be "
+                     "resumed. Check that --params trains the same parameters (model.freeze), or take the weights "
+                     "only with load_checkpoint_states: model")
+
+
+def with_cstorch_beta_powers(opt_state: dict) -> dict:
+    """AdamW states gain cstorch's beta1_power/beta2_power (beta^(t+1) after t steps, where cstorch starts at
+    beta), so cstorch's AdamW (ModelZoo, run_csx.py) continues the bias correction from this checkpoint."""
+    import torch
+
+    if not opt_state:
+        return opt_state
+    group_of = {i: g for g in opt_state["param_groups"] for i in g["params"]}
+    per_param = {}
+    for i, s in opt_state["state"].items():
+        group = group_of[i]
+        if "exp_avg" in s and group.get("correct_bias", True):
+            b1, b2 = group["betas"]
+            t = float(s["step"]) + 1
+            s = {**s, "beta1_power": torch.tensor(b1 ** t, dtype=torch.float32),
+                 "beta2_power": torch.tensor(b2 ** t, dtype=torch.float32)}
+        per_param[i] = s
+    return {**opt_state, "state": per_param}
+
+
+def legacy_trainable_names(wrapped) -> list:
+    """The single-group order of checkpoints written before the ModelZoo grouping."""
     module = getattr(wrapped, "module", wrapped)
     return [n for n, p in module.named_parameters() if p.requires_grad]
 
@@ -565,11 +663,30 @@ def full_state(wrapped, optimizer, rc: RunConfig, rt: Runtime):
     return module.state_dict(), optimizer.state_dict()
 
 
-def set_optimizer_state(wrapped, optimizer, state, rc: RunConfig, rt: Runtime):
-    # cstorch's AdamW state also carries beta1_power/beta2_power; ours derives them from `step`, so keep only
-    # what this optimizer uses (a stale copy would otherwise travel on into our own checkpoints).
+def set_optimizer_state(wrapped, optimizer, state, rc: RunConfig, rt: Runtime, global_step: int, ckpt_path):
+    """Load an optimizer state from any of our checkpoints or from Cerebras ModelZoo's (cstorch AdamW).
+
+    cstorch's AdamW state carries beta1_power/beta2_power and no `step`; ours counts `step` and derives the powers,
+    so keep only what this optimizer uses (a stale copy would otherwise travel on into our own checkpoints) and
+    take the step count from the checkpoint's global step where `step` is missing (every trainable parameter
+    is updated at every step)."""
+    import torch
+
+    import model as M
+
+    state = align_param_groups(state, M.param_group_names(getattr(wrapped, "module", wrapped)),
+                               legacy_trainable_names(wrapped), ckpt_path)
     kept = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer")
-    state = dict(state, state={i: {k: v for k, v in s.items() if k in kept} for i, s in state.get("state", {}).items()})
+    per_param = {}
+    for i, s in state.get("state", {}).items():
+        s = {k: v for k, v in s.items() if k in kept}
+        if "exp_avg" in s and "step" not in s:
+            s["step"] = torch.tensor(float(global_step))
+        per_param[i] = s
+    defaults = {k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", "weight_decay")}
+    groups = [{**defaults, **{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items()}}
+              for g in state["param_groups"]]
+    state = dict(state, state=per_param, param_groups=groups)
     if rt.world_size > 1 and rc.distributed_strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -657,7 +774,7 @@ def run_torch(args, params: dict, sections: dict) -> dict:
     if ckpt_path is not None:
         if not ckpt_path.is_file():
             raise SystemExit(f"--checkpoint_path {ckpt_path}: no such file")
-        ckpt = load_checkpoint_file(ckpt_path)
+        ckpt = modelzoo_scheduler_key(load_checkpoint_file(ckpt_path))
         if "model" not in ckpt:
             raise SystemExit(f"{ckpt_path} has no 'model' entry (keys: {sorted(ckpt)[:8]}); is it a LLaVA checkpoint?")
         # The yaml's load_checkpoint_states (phase 2: "model") selects what to take from the checkpoint a run
@@ -733,11 +850,14 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
     if len(dataset) < cfg.batch_size:
         raise SystemExit(f"train_input: {len(dataset)} samples in {cfg.data_dir} < batch_size {cfg.batch_size}")
 
-    optimizer = make_optimizer(opt_cfg, [p for p in wrapped.parameters() if p.requires_grad])
+    import model as M
+
+    optimizer = make_optimizer(opt_cfg, M.optimizer_param_groups(getattr(wrapped, "module", wrapped),
+                                                                 opt_cfg.weight_decay))
     scheduler = LRScheduler(optimizer, opt_cfg.learning_rate)
     global_step, samples_streamed = 0, 0
     if "optimizer" in ckpt:
-        set_optimizer_state(wrapped, optimizer, ckpt["optimizer"], rc, rt)
+        set_optimizer_state(wrapped, optimizer, ckpt["optimizer"], rc, rt, int(ckpt.get("global_step", 0)), ckpt_path)
     if "lr_scheduler" in ckpt:
         scheduler.load_state_dict(ckpt["lr_scheduler"])
     if "global_step" in ckpt:
@@ -849,16 +969,14 @@ def _null():
 
 
 def write_checkpoint(model_dir, wrapped, optimizer, scheduler, step, samples_streamed, seed, params, rc, rt):
-    import torch
-
     model_state, opt_state = full_state(wrapped, optimizer, rc, rt)
+    opt_state = with_cstorch_beta_powers(opt_state)
     path = model_dir / f"checkpoint_{step}.mdl"
     if rt.is_main:
         state = {
             "model": model_state, "optimizer": opt_state, "lr_scheduler": scheduler.state_dict(),
             "global_step": step, "dataloader": {"samples_streamed": samples_streamed, "seed": seed},
-            "__metadata__": [{"version": f"llava-torch-{torch.__version__}", "model_name": "LlavaModel",
-                              "params": params}],
+            "__metadata__": checkpoint_metadata(params, "run.py", CS_CHECKPOINT_VERSION),
         }
         save_checkpoint(path, state)
         # keep the newest N of this run's checkpoints

@@ -246,7 +246,7 @@ def scheduler_state_at(scheduler, step: int, milestones: list) -> dict:
     return state
 
 
-def load_optimizer_state(optimizer, state: dict, from_torch: bool) -> None:
+def load_optimizer_state(optimizer, state: dict, from_torch: bool, llava=None, ckpt_path=None) -> None:
     """Load a cstorch or a GPU/CPU (torch) optimizer state into our cstorch optimizer.
 
     cstorch's Adam keeps beta1_power = beta1^(t+1) after t steps (it starts at beta1); a torch state counts
@@ -256,9 +256,11 @@ def load_optimizer_state(optimizer, state: dict, from_torch: bool) -> None:
     win over our optimizer's defaults (a torch group lacks cstorch keys such as amsgrad)."""
     import torch
 
-    if len(state["param_groups"]) != len(optimizer.param_groups):
-        raise SystemExit(f"the checkpoint's optimizer has {len(state['param_groups'])} parameter groups, this run "
-                         f"{len(optimizer.param_groups)}; use load_checkpoint_states: model")
+    import model as M
+
+    if llava is not None:  # renumber older single-group states onto ModelZoo's groups (or refuse clearly)
+        state = run_py.align_param_groups(state, M.param_group_names(llava), run_py.legacy_trainable_names(llava),
+                                          ckpt_path)
     groups = [{**{k: v for k, v in ours.items() if k != "params"}, **saved}
               for ours, saved in zip(optimizer.param_groups, state["param_groups"])]
     group_of = {i: g for g in groups for i in g["params"]}
@@ -280,9 +282,9 @@ def load_optimizer_state(optimizer, state: dict, from_torch: bool) -> None:
 
 
 def written_by_cstorch(ckpt: dict) -> bool:
-    """Our CSX checkpoints say so in __metadata__ (the GPU/CPU path writes llava-torch-<version>)."""
-    meta = ckpt.get("__metadata__") or [{}]
-    return str(meta[0].get("version", "")).startswith("cstorch-")
+    """cstorch's AdamW wrote the optimizer state (our CSX path or Cerebras ModelZoo), so its beta powers hold;
+    __metadata__'s `llava_pipeline.writer` (or, in older checkpoints, the version prefix) says who wrote it."""
+    return run_py.checkpoint_writer(ckpt) in ("run_csx.py", "modelzoo")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +374,7 @@ def load_checkpoint(args, rc: run_py.RunConfig, llava, model_dir: Path):
         return {}, None
     if not ckpt_path.is_file():
         raise SystemExit(f"--checkpoint_path {ckpt_path}: no such file")
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = run_py.modelzoo_scheduler_key(read_checkpoint(ckpt_path))
     if "model" not in ckpt:
         raise SystemExit(f"{ckpt_path} has no 'model' entry (keys: {sorted(ckpt)[:8]}); is it a LLaVA checkpoint?")
     run_py.load_model_weights(llava, ckpt["model"], not rc.disable_strict_checkpoint_loading, ckpt_path)
@@ -395,10 +397,10 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def restore_training_state(ckpt: dict, ckpt_path, optimizer, scheduler, milestones, grad_scaler,
-                           cfg: run_py.InputConfig) -> tuple:
+                           cfg: run_py.InputConfig, llava) -> tuple:
     """(global_step, samples_streamed) after loading optimizer / scheduler / scaler states that are present."""
     if "optimizer" in ckpt:
-        load_optimizer_state(optimizer, ckpt["optimizer"], from_torch=not written_by_cstorch(ckpt))
+        load_optimizer_state(optimizer, ckpt["optimizer"], not written_by_cstorch(ckpt), llava, ckpt_path)
     global_step = int(ckpt.get("global_step", 0))
     if "lr_scheduler" in ckpt:
         state = ckpt["lr_scheduler"]
@@ -425,8 +427,7 @@ def checkpoint_state(llava, optimizer, scheduler, grad_scaler, step: int, sample
         "lr_scheduler": {**scheduler.state_dict(), "last_step": step},  # last_step: the GPU/CPU path's form
         "global_step": step,
         "dataloader": {"samples_streamed": samples_streamed, "seed": seed},
-        "__metadata__": [{"version": f"cstorch-{cstorch.__version__}", "model_name": "LlavaModel",
-                          "params": params}],
+        "__metadata__": run_py.checkpoint_metadata(params, "run_csx.py", cstorch.__version__),
     }
     if grad_scaler is not None:
         state["grad_scaler"] = grad_scaler.state_dict()
@@ -508,17 +509,21 @@ def train(args, rc: run_py.RunConfig, sections: dict, llava, compiled, amp, ckpt
     import cerebras.pytorch as cstorch
     from tqdm import tqdm
 
+    import model as M
+
     cfg: run_py.InputConfig = sections["train_input"]
     opt_cfg: run_py.OptimizerConfig = sections["optimizer"]
     model_cfg = sections["model"]
     host_dataset(cfg, model_cfg, "train_input")
 
-    trainable = [p for p in llava.parameters() if p.requires_grad]  # cstorch keeps state for every param given
-    optimizer = make_optimizer(opt_cfg, trainable)
+    # ModelZoo's groups (weight decay, no decay); cstorch keeps state for every param given
+    groups = M.optimizer_param_groups(llava, opt_cfg.weight_decay)
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = make_optimizer(opt_cfg, groups)
     scheduler, milestones = make_scheduler(optimizer, opt_cfg.learning_rate)
     grad_scaler = make_grad_scaler(opt_cfg, args.params_dict, half, on_csx)
     global_step, samples_streamed = restore_training_state(ckpt, ckpt_path, optimizer, scheduler, milestones,
-                                                           grad_scaler, cfg)
+                                                           grad_scaler, cfg, llava)
     if samples_streamed != global_step * cfg.batch_size:
         log.info("Resuming at sample %d (step %d x batch %d would be %d): the checkpoint's position wins",
                  samples_streamed, global_step, cfg.batch_size, global_step * cfg.batch_size)

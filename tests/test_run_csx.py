@@ -127,7 +127,9 @@ def test_training_logs_finite_loss_and_writes_cstorch_checkpoints(trained):
     assert ckpt["global_step"] == 4
     assert ckpt["dataloader"] == {"samples_streamed": STEPS * BATCH, "seed": 1234}
     assert ckpt["lr_scheduler"]["last_step"] == 4
-    params = ckpt["__metadata__"][0]["params"]
+    meta = ckpt["__metadata__"][-1]
+    assert meta["version"] == cstorch.__version__ and meta["llava_pipeline"]["writer"] == "run_csx.py"
+    params = meta["params"]
     assert params["train_input"]["batch_size"] == BATCH and params["model"]["freeze"] == ["^image_model", "^text_model"]
     state = ckpt["optimizer"]["state"][0]
     assert {"exp_avg", "exp_avg_sq", "beta1_power", "step"} <= set(state) and float(state["step"]) == 4
@@ -182,6 +184,26 @@ def test_checkpoints_move_between_the_gpu_cpu_path_and_the_csx_path(trained, con
     assert sorted(back) == [5, 6]
     for step in (5, 6):
         assert back[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+def test_modelzoo_shaped_cstorch_checkpoint_resumes_with_all_states(trained, data, tmp_path):
+    """A cstorch.save (HDF5) checkpoint in Cerebras ModelZoo's shape (plain version in __metadata__, two AdamW
+    groups without `step`, the scheduler under `schedulers`) resumes on the CSX path and continues bitwise."""
+    ckpt = cstorch.load(str(trained / "checkpoint_2.mdl"))
+    assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == [2, 2]  # weight decay, no decay
+    params = ckpt["__metadata__"][-1]["params"]
+    scheduler = {k: v for k, v in ckpt["lr_scheduler"].items() if k != "last_step"}
+    optimizer = {"state": {i: {k: v for k, v in s.items() if k != "step"} for i, s in ckpt["optimizer"]["state"].items()},
+                 "param_groups": ckpt["optimizer"]["param_groups"]}
+    modelzoo = {"model": ckpt["model"], "optimizer": optimizer, "schedulers": [scheduler],
+                "global_step": ckpt["global_step"], "dataloader": ckpt["dataloader"],
+                "__metadata__": [{"version": cstorch.__version__, "model_name": "LlavaModel", "params": params}]}
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    cstorch.save(modelzoo, str(model_dir / "checkpoint_2.mdl"))
+    run_py("CSX", "train", model_dir, data)
+    original, resumed = losses(trained), losses(model_dir)
+    assert sorted(resumed) == [3, 4] and (resumed[3], resumed[4]) == (original[3], original[4])
 
 
 def test_converted_checkpoint_without_prefix_loads_into_the_inner_model(trained, data, tmp_path):
