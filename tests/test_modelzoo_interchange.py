@@ -193,3 +193,21 @@ def test_optimizer_groups_that_do_not_line_up_name_both_sides(data, tmp_path):
         run.main(cli("CPU", "train", PHASE2, tmp_path / "p2", data, 2, "--checkpoint_path",
                      str(tmp_path / "p1" / "checkpoint_1.mdl"), "--load_checkpoint_states",
                      "model,optimizer", steps=1))
+
+
+def test_converter_reads_a_modelzoo_converted_pair(tmp_path):
+    """`convert_checkpoint.py --src-fmt cs-2.2` on ModelZoo's own converted pair (its yaml keys, unprefixed weights)."""
+    import yaml
+
+    import convert_checkpoint as cc
+
+    section = modelzoo_converted_section("2.10")
+    config = tmp_path / "config_to_cs-2.2.yaml"
+    config.write_text(yaml.safe_dump({"model": section}))
+    torch.manual_seed(0)
+    inner = M.LlavaModel(section).model.state_dict()
+    torch.save({"model": inner}, tmp_path / "pytorch_model_to_cs-2.2.mdl")
+    out = tmp_path / "hf"
+    assert cc.main(["convert", "--model", "llava", "--src-fmt", "cs-2.2", "--tgt-fmt", "hf", "--config", str(config),
+                    "--output-dir", str(out), "--no-progress-bar", str(tmp_path / "pytorch_model_to_cs-2.2.mdl")]) == 0
+    assert (out / "image_model" / "config.json").is_file() and (out / "text_model" / "config.json").is_file()
