@@ -267,6 +267,7 @@ class LRScheduler:
 
     def __init__(self, optimizer, learning_rate):
         self.optimizer, self.fn, self.last_step = optimizer, lr_schedule(learning_rate), 0
+        self.learning_rate = learning_rate
         self._apply()
 
     def _apply(self):
@@ -280,8 +281,24 @@ class LRScheduler:
     def get_last_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
 
+    def milestones(self) -> list:
+        """SequentialLR milestones: the cumulative total_iters of every schedule but the last."""
+        specs = self.learning_rate if isinstance(self.learning_rate, list) else []
+        return [sum(int(s.get("total_iters", s.get("decay_steps")) or 0) for s in specs[:i + 1])
+                for i in range(len(specs) - 1)]
+
     def state_dict(self):
-        return {"last_step": self.last_step}
+        """{"last_step": n} for this class, plus the position in cstorch's form (its load_state_dict updates only
+        the attributes given): last_epoch overall and per SequentialLR sub-schedule, as ModelZoo resumes it."""
+        import torch
+
+        state = {"last_step": self.last_step, "last_epoch": torch.tensor(self.last_step)}
+        milestones = self.milestones()
+        if milestones:
+            state["_schedulers"] = [{"last_epoch": torch.tensor(self.last_step if i == 0 else
+                                                                max(0, self.last_step - milestones[i - 1]))}
+                                    for i in range(len(milestones) + 1)]
+        return state
 
     def load_state_dict(self, state):
         # ours: {"last_step": n}; cstorch's (ModelZoo, run_csx.py): last_epoch counts the steps taken

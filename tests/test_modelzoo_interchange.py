@@ -130,6 +130,9 @@ def test_checkpoint_metadata_and_optimizer_state_are_modelzoo_shaped(data, tmp_p
     groups = ckpt["optimizer"]["param_groups"]
     assert [len(g["params"]) for g in groups] == [18, 7] and groups[1]["weight_decay"] == 0.0
     assert {"lr", "betas", "eps", "weight_decay", "correct_bias", "amsgrad", "l2_regularization_rate"} <= set(groups[0])
+    # the scheduler position also in cstorch's form (SequentialLR: warm-up 2 steps, then the cosine)
+    scheduler = ckpt["lr_scheduler"]
+    assert int(scheduler["last_epoch"]) == 2 and [int(s["last_epoch"]) for s in scheduler["_schedulers"]] == [2, 0]
     b1, b2 = groups[0]["betas"]
     for s in ckpt["optimizer"]["state"].values():  # cstorch's beta powers after 2 steps: beta^(2+1)
         assert torch.isclose(s["beta1_power"], torch.tensor(b1 ** 3)) and torch.isclose(s["beta2_power"],
@@ -144,8 +147,9 @@ def to_modelzoo(ckpt: dict) -> dict:
     out["optimizer"]["state"] = {i: {k: v for k, v in s.items() if k != "step"} for i, s in out["optimizer"]["state"].items()}
     for g in out["optimizer"]["param_groups"]:
         g["lr"] = torch.tensor(g["lr"])
-    step = out.pop("lr_scheduler")["last_step"]
-    out["schedulers"] = [{"last_epoch": torch.tensor(step), "_step_count": step + 1, "_milestones": [2]}]
+    scheduler = out.pop("lr_scheduler")
+    step = scheduler.pop("last_step")
+    out["schedulers"] = [{**scheduler, "_step_count": step + 1, "_milestones": [2]}]
     return out
 
 
