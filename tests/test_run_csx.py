@@ -312,3 +312,50 @@ def test_cstorch_schedulers_follow_the_yaml_schedule(tmp_path):
         assert out[name]["after_resume"] == pytest.approx([fn(t) for t in (6, 7, 8)], rel=1e-5, abs=1e-7), name
     assert out["beta1_power"] == pytest.approx({"torch": 0.9 ** 4, "torch_with_stale_powers": 0.9 ** 4,
                                                 "cstorch": 0.9 ** 4})
+
+
+MODELZOO_LOAD = textwrap.dedent("""
+    import json, sys
+    import torch
+    import cerebras.pytorch as cstorch
+    import model as M, run, run_csx
+
+    cstorch.backend("CPU", artifact_dir=sys.argv[1])
+    ckpt = torch.load(sys.argv[2], map_location="cpu", weights_only=True)
+    params = ckpt["__metadata__"][-1]["params"]
+    llava = M.LlavaModel(params["model"])
+    llava.load_state_dict(ckpt["model"])
+    opt_cfg = run.parse_sections(params)["optimizer"]
+    # what ModelZoo does: its groups, cstorch AdamW and schedulers, plain load_state_dict, no adaptation
+    groups = M.optimizer_param_groups(llava, opt_cfg.weight_decay)
+    opt = cstorch.optim.AdamW(groups, lr=0.0, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
+                              weight_decay=opt_cfg.weight_decay, correct_bias=opt_cfg.correct_bias)
+    scheduler, _ = run_csx.make_scheduler(opt, opt_cfg.learning_rate)
+    opt.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["lr_scheduler"])
+    first = groups[0]["params"][0]
+    moments_equal = bool(torch.equal(opt.state[first]["exp_avg"], ckpt["optimizer"]["state"][0]["exp_avg"]))
+    beta1_power = float(opt.state[first]["beta1_power"])
+    for p in llava.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    scheduler.step()
+    print(json.dumps({"moments_equal": moments_equal, "beta1_power": beta1_power,
+                      "next_lr": float(opt.param_groups[0]["lr"]), "betas": list(opt_cfg.betas)}))
+""")
+
+
+def test_run_py_checkpoint_loads_as_modelzoo_loads_it(data, tmp_path):
+    """A run.py checkpoint into cstorch's AdamW and schedulers built ModelZoo's way and loaded with plain
+    load_state_dict (what ModelZoo's Trainer does): moments, bias-correction powers and schedule position hold."""
+    run_py("CPU", "train", tmp_path / "torch", data, **{"runconfig.max_steps": 2})
+    proc = subprocess.run([sys.executable, "-c", MODELZOO_LOAD, str(tmp_path / "logs"),
+                           str(tmp_path / "torch" / "checkpoint_2.mdl")], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["moments_equal"]
+    assert out["beta1_power"] == pytest.approx(out["betas"][0] ** 3)  # cstorch's power after 2 steps
+    spec = run.load_params(PHASE1, overrides(data))["optimizer"]["learning_rate"]
+    assert out["next_lr"] == pytest.approx(run.lr_schedule(spec)(3), rel=1e-6, abs=1e-9)
