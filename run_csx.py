@@ -23,7 +23,8 @@ GPU/CPU path's, so checkpoints move between the two (weights, optimizer, lr sche
 Checkpoints: model_dir/checkpoint_<step>.mdl written with cstorch.save (HDF5): model (LlavaModel.state_dict(),
 `model.` prefix), optimizer (cstorch AdamW state plus a `step` per parameter for the GPU/CPU path),
 lr_scheduler (cstorch state plus `last_step`), global_step, dataloader {samples_streamed, seed}, grad_scaler
-(CSX with loss scaling), __metadata__ [{version, model_name, params}].
+(CSX with loss scaling), __metadata__ [{version (cstorch.__version__), model_name, params, llava_pipeline}]
+in Cerebras ModelZoo's shape; the optimizer has ModelZoo's two parameter groups (model.optimizer_param_groups).
 """
 
 from __future__ import annotations
