@@ -1011,14 +1011,13 @@ def _torch_save(obj, path: Path) -> None:
 
 def read_cs_yaml(path: Path) -> dict:
     """The `model:` section of a CS params yaml (run config, converted config, or 2.10 trainer format)."""
-    import yaml
+    import create_hdf5_dataset as hd
 
     path = Path(path)
     if path.is_dir():
         raise ConversionError(f"--config {path} is a folder; for --src-fmt cs-2.2 pass the params yaml")
     try:
-        with open(path, encoding="utf-8") as f:
-            params = yaml.safe_load(f)
+        params = hd.read_yaml_mapping(path, "--config")
     except FileNotFoundError:
         raise ConversionError(f"--config {path}: not found") from None
     if isinstance(params, dict) and "trainer" in params and "model" not in params:
@@ -1657,6 +1656,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import create_hdf5_dataset as hd  # its yaml reader and error
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -1665,6 +1666,11 @@ def main(argv=None) -> int:
             raise
         print(f"Conversion failed: {e}", file=sys.stderr)
         return 1
+    except hd.YamlFileError as e:  # a --config that is not valid yaml
+        if getattr(args, "debug", False):
+            raise
+        print(f"Conversion failed: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

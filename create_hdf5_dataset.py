@@ -210,6 +210,35 @@ class ConfigError(ValueError):
     """A problem with the preprocessing yaml or command line; the message says what to change."""
 
 
+class YamlFileError(ValueError):
+    """A yaml file that does not parse (or is not a mapping): `file:line:column: what yaml says`. CLIs exit 2."""
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
+    """safe_load a config file whose top level must be a mapping (empty file: {}); FileNotFoundError passes on.
+
+    Syntax errors and refused tags (e.g. !!python/object/apply, which safe_load never constructs) become a
+    YamlFileError naming the file, line and column."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise YamlFileError(f"{where}: {problem} ({what} is not valid yaml; fix it there)") from None
+    except UnicodeDecodeError as e:
+        raise YamlFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save {what} as UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise YamlFileError(f"{path}:1:1: the top level of {what} must be a mapping of sections, found a "
+                            f"{type(data).__name__}")
+    return data
+
+
 def _canonical_sections(raw: dict, source: str) -> tuple[dict, dict]:
     """Map alternative spellings to canonical names; return (sections, canonical name -> written name)."""
     sections: dict[str, dict] = {}
@@ -326,8 +355,7 @@ def load_config(params: str | os.PathLike, mode: str, overrides: dict | None = N
     path = Path(params)
     if not path.is_file():
         raise ConfigError(f"--params {str(path)!r}: file not found")
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+    raw = read_yaml_mapping(path, "--params")
     cfg = parse_config(raw, str(path), overrides)
     wanted = PROCESSORS[mode]
     given = cfg.setup.dataset_processor
@@ -1703,7 +1731,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.params, args.mode, overrides)
         preprocess(args.mode, cfg, overwrite=args.overwrite, progress=False if args.no_progress else None)
         return 0
-    except ConfigError as e:
+    except (ConfigError, YamlFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

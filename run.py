@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,12 +133,15 @@ def apply_overrides(params: dict, overrides: List[str]) -> dict:
 
 
 def load_params(path: str, overrides: List[str]) -> dict:
-    import yaml
+    import create_hdf5_dataset as hd
 
     if not Path(path).is_file():
         raise SystemExit(f"--params {path}: no such file")
-    with open(path) as f:
-        params = yaml.safe_load(f) or {}
+    try:
+        params = hd.read_yaml_mapping(path, "--params")
+    except hd.YamlFileError as e:
+        print(f"error: {e}", file=sys.stderr)  # exit status 2, as for the other CLIs' yaml errors
+        raise SystemExit(2) from None
     unknown = set(params) - set(SECTIONS) - {"model"}
     if unknown:
         raise SystemExit(f"{path}: unknown top-level section(s) {sorted(unknown)}; valid: "
