@@ -61,9 +61,10 @@ class ImageModelConfig:
     use_conv_patchified_embedding: bool = True  # conv patchify; required
     use_encoder_pooler_layer: bool = False  # pooler head; not implemented (LLaVA does not use it)
 
-    IGNORED = ("attention_softmax_fp32", "fp16_type", "mixed_precision", "num_classes", "image_layer_norm_epsilon", "layer_norm_type", "default_initializer", "pooler_nonlinearity",
-               "projection_initializer", "position_embedding_initializer", "cls_token_initializer",
-               "attention_initializer", "ffn_initializer", "norm_first_sandwich_initializer")
+    IGNORED = ("attention_softmax_fp32", "fp16_type", "mixed_precision", "num_classes", "image_layer_norm_epsilon",
+               "layer_norm_type", "default_initializer", "pooler_nonlinearity", "projection_initializer",
+               "position_embedding_initializer", "cls_token_initializer", "attention_initializer", "ffn_initializer",
+               "norm_first_sandwich_initializer")
     # ModelZoo keys accepted only at the value that makes them a no-op for a CLIP ViT (other values: an error)
     NO_OP_VALUES = {"attention_module": ("aiayn_attention",), "extra_attention_params": ({}, None),
                     "use_bias_in_output": (False,), "use_final_layer_norm": (True,),

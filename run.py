@@ -266,6 +266,26 @@ def lr_schedule(learning_rate):
     return lr_at
 
 
+def schedule_milestones(learning_rate) -> list:
+    """SequentialLR milestones of a learning_rate list: the cumulative total_iters of every schedule but the last
+    ([] for a number or a single schedule)."""
+    specs = learning_rate if isinstance(learning_rate, list) else []
+    milestones, start = [], 0
+    for i, spec in enumerate(specs[:-1]):
+        total = spec.get("total_iters", spec.get("decay_steps"))
+        if total is None:
+            raise SystemExit(f"optimizer.learning_rate[{i}]: total_iters is needed on every schedule but the last")
+        start += int(total)
+        milestones.append(start)
+    return milestones
+
+
+def sub_schedule_steps(step: int, milestones: list) -> list:
+    """cstorch SequentialLR's per-schedule last_epoch after `step` steps: global in the first schedule, counted
+    from its milestone in the others."""
+    return [step] + [max(0, step - m) for m in milestones]
+
+
 class LRScheduler:
     """Sets the optimizer's lr from lr_schedule every step (after optimizer.step, as cstorch)."""
 
@@ -285,23 +305,16 @@ class LRScheduler:
     def get_last_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
 
-    def milestones(self) -> list:
-        """SequentialLR milestones: the cumulative total_iters of every schedule but the last."""
-        specs = self.learning_rate if isinstance(self.learning_rate, list) else []
-        return [sum(int(s.get("total_iters", s.get("decay_steps")) or 0) for s in specs[:i + 1])
-                for i in range(len(specs) - 1)]
-
     def state_dict(self):
         """{"last_step": n} for this class, plus the position in cstorch's form (its load_state_dict updates only
         the attributes given): last_epoch overall and per SequentialLR sub-schedule, as ModelZoo resumes it."""
         import torch
 
         state = {"last_step": self.last_step, "last_epoch": torch.tensor(self.last_step)}
-        milestones = self.milestones()
+        milestones = schedule_milestones(self.learning_rate)
         if milestones:
-            state["_schedulers"] = [{"last_epoch": torch.tensor(self.last_step if i == 0 else
-                                                                max(0, self.last_step - milestones[i - 1]))}
-                                    for i in range(len(milestones) + 1)]
+            state["_schedulers"] = [{"last_epoch": torch.tensor(t)}
+                                    for t in sub_schedule_steps(self.last_step, milestones)]
         return state
 
     def load_state_dict(self, state):
@@ -878,7 +891,8 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
     scheduler = LRScheduler(optimizer, opt_cfg.learning_rate)
     global_step, samples_streamed = 0, 0
     if "optimizer" in ckpt:
-        set_optimizer_state(wrapped, optimizer, ckpt["optimizer"], rc, rt, int(ckpt.get("global_step", 0)), ckpt_path)
+        set_optimizer_state(wrapped, optimizer, ckpt["optimizer"], rc, rt, int(ckpt.get("global_step", 0)),
+                            ckpt_path)
     if "lr_scheduler" in ckpt:
         scheduler.load_state_dict(ckpt["lr_scheduler"])
     if "global_step" in ckpt:

@@ -215,7 +215,7 @@ def make_scheduler(optimizer, learning_rate):
     if isinstance(learning_rate, (int, float)):
         return S.ConstantLR(optimizer, learning_rate=float(learning_rate), total_iters=None), []
     specs = learning_rate if isinstance(learning_rate, list) else [learning_rate]
-    schedulers, milestones, start = [], [], 0
+    schedulers, milestones = [], run_py.schedule_milestones(specs)
     for i, spec in enumerate(specs):
         where = f"optimizer.learning_rate[{i}]"
         run_py._one_schedule(spec, where)  # validates the name with run.py's message
@@ -225,11 +225,6 @@ def make_scheduler(optimizer, learning_rate):
                  "end": spec.get("end_learning_rate", 0.0), "total": spec.get("total_iters", spec.get("decay_steps"))}
         cls_name, kwargs = SCHEDULERS[name]
         schedulers.append(getattr(S, cls_name)(optimizer, **kwargs(entry)))
-        if i < len(specs) - 1:
-            if entry["total"] is None:
-                raise SystemExit(f"{where}: total_iters is needed on every schedule but the last")
-            start += int(entry["total"])
-            milestones.append(start)
     if len(schedulers) == 1:
         return schedulers[0], []
     return S.SequentialLR(optimizer, schedulers=schedulers, milestones=milestones), milestones
@@ -242,8 +237,8 @@ def scheduler_state_at(scheduler, step: int, milestones: list) -> dict:
 
     state = scheduler.state_dict()
     state["last_epoch"] = torch.tensor(step)
-    for i, sub in enumerate(state.get("_schedulers") or []):
-        sub["last_epoch"] = torch.tensor(step if i == 0 else max(0, step - milestones[i - 1]))
+    for sub, t in zip(state.get("_schedulers") or [], run_py.sub_schedule_steps(step, milestones)):
+        sub["last_epoch"] = torch.tensor(t)
     return state
 
 
