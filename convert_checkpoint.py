@@ -812,6 +812,17 @@ def find_weight_files(folder: Path) -> list:
     raise ConversionError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)}; found {present})")
 
 
+def damaged_file(path: Path, reader: str, error) -> ConversionError:
+    """The message for a weight file that exists but cannot be read: almost always a cut-off download or copy."""
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    if isinstance(error, Exception):
+        first = (str(error).strip().splitlines() or [""])[0]
+        error = f"{type(error).__name__}: {first.split('. ')[0]}".rstrip(": ")
+    return ConversionError(f"{path} ({size:,} bytes) cannot be read by {reader} ({error}). The file is truncated or "
+                           "damaged, most often by an interrupted download or copy: download or copy it again, check "
+                           "that its size matches the original, and rerun the conversion")
+
+
 def torch_load(path: Path, mmap: bool = False):
     """torch.load with weights_only=True: plain tensors and containers only, a pickle that runs code is refused.
 
@@ -824,22 +835,24 @@ def torch_load(path: Path, mmap: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a refused class or function: a cut-off or garbled pickle
+            raise damaged_file(path, "torch.load", "not a complete pickle") from None
         raise ConversionError(f"{path}: refused to load: it needs more than tensors and plain containers "
                               f"(torch.load weights_only=True said: {str(e).splitlines()[0]}). Only load checkpoints "
                               "you trust; re-save it as a plain state dict or safetensors") from None
     except RuntimeError as e:
         if mmap and "mmap" in str(e):
             return torch_load(path, mmap=False)
-        raise ConversionError(f"{path}: cannot be read by torch.load ({e})") from None
+        raise damaged_file(path, "torch.load", e) from None
+    except (EOFError, IndexError, OSError, ValueError) as e:  # a legacy pickle cut short, an unreadable file
+        raise damaged_file(path, "torch.load", e) from None
 
 
 def load_weight_file(path: Path) -> dict:
     """One weight file (safetensors or torch pickle) -> {key: tensor}."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return _load_safetensors(path)
     with open(path, "rb") as f:
         if f.read(8) == HDF5_MAGIC:
             return _load_cerebras_h5(path)
@@ -847,6 +860,16 @@ def load_weight_file(path: Path) -> dict:
     if not isinstance(state, dict):
         raise ConversionError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise damaged_file(path, "safetensors", e) from None
 
 
 def _load_cerebras_h5(path: Path):

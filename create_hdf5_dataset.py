@@ -37,6 +37,7 @@ import re
 import sys
 import time
 import unicodedata
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -74,6 +75,7 @@ ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": 
 # Why a record was skipped (counted per reason in data_params.json `post-process` and on the console).
 SKIP_REASONS = {
     "malformed_json": "the line is not valid JSON",
+    "undecodable_text": "the line is not valid UTF-8 (e.g. a stray 0xFF byte)",
     "not_an_object": "the record is not a JSON object",
     "no_conversations": "the conversation key is missing, empty or not a list",
     "bad_turn": "a turn is not an object with `from` and the content key",
@@ -83,6 +85,7 @@ SKIP_REASONS = {
     "invalid_unicode": "a text holds a lone surrogate (e.g. a broken \\ud83d escape) and cannot be encoded",
     "image_outside_root": "the image path is absolute or escapes dataset.image_dir with ../",
     "missing_image": "the image file does not exist under dataset.image_dir",
+    "unreadable_image": "the image file is not an image PIL can open (dataset.check_images: true)",
     "too_long": "even the first turn does not fit in max_seq_length",
 }
 
@@ -146,6 +149,7 @@ class DatasetConfig:
     image_key: str = "image"  # record key holding the image path relative to image_dir
     image_token: str = "<image>"  # removed from the text; the image goes to the fixed slots
     image_dir: str | None = None  # root of all images; every image path must exist below it
+    check_images: bool = False  # open every image's header once; unreadable ones are skipped (not Cerebras')
     num_patches: int = 576  # NP: image slots per sample ((336/14)^2)
     system_prompt_style: str = "vicuna_v1"  # phase 2: key of PROMPT_STYLES
     prompt_prefix: str | None = None  # phase 2 user prefix (default from the style)
@@ -322,7 +326,8 @@ def _as_int(cfg: PreprocConfig, sec: str, key: str, minimum: int | None, allow_n
 
 def _check_config_values(cfg: PreprocConfig) -> None:
     for sec, key in [("processing", "write_remainder"), ("processing", "resume_from_checkpoint"),
-                     ("processing", "display_pbar"), ("dataset", "use_ftfy"), ("dataset", "inverted_mask")]:
+                     ("processing", "display_pbar"), ("dataset", "use_ftfy"), ("dataset", "inverted_mask"),
+                     ("dataset", "check_images")]:
         _as_bool(cfg, sec, key)
     _as_int(cfg, "setup", "processes", 0)
     _as_int(cfg, "processing", "max_seq_length", 2)
@@ -555,14 +560,16 @@ def find_input_files(cfg: PreprocConfig) -> list[Path]:
     return files
 
 
-def _iter_file_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number or array index, raw bytes line or already-parsed object) for every record of a file."""
+def _iter_file_records(path: Path, truncated: list[str]) -> Iterator[tuple[int, Any]]:
+    """(line number or array index, raw bytes line or already-parsed object) for every record of a file.
+
+    A .gz file that ends early or is corrupt yields the records before the damage and is added to `truncated`."""
     if path.name.endswith(".json"):
         with open(path, "rb") as f:
             data = f.read()
         try:
             obj = json.loads(data)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             obj = None  # not one JSON document: treat as JSON lines (e.g. Cerebras' synthdog .json output)
         if isinstance(obj, list):
             for i, rec in enumerate(obj):
@@ -577,20 +584,28 @@ def _iter_file_records(path: Path) -> Iterator[tuple[int, Any]]:
         return
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                yield i + 1, line
+        try:
+            for i, line in enumerate(f):
+                if line.strip():
+                    yield i + 1, line
+        except COMPRESSED_STREAM_ERRORS:
+            truncated.append(str(path))
 
 
-def iter_assigned_records(files: list[Path], proc: int, nproc: int, start: int
+# What gzip raises on a cut (EOFError) or damaged (BadGzipFile, zlib.error) stream.
+COMPRESSED_STREAM_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def iter_assigned_records(files: list[Path], proc: int, nproc: int, start: int, truncated: list[str]
                           ) -> Iterator[tuple[int, Path, int, Any]]:
     """(global index, file, line, raw) of the records dealt to process `proc`: blocks b with b % nproc == proc.
 
     Every record (including malformed ones) gets a global index in file order, so the set of samples written
-    does not depend on the number of processes. Records before `start` (resume point) are skipped unparsed."""
+    does not depend on the number of processes. Records before `start` (resume point) are skipped unparsed.
+    Damaged .gz files are appended to `truncated`."""
     g = 0
     for path in files:
-        for line_no, raw in _iter_file_records(path):
+        for line_no, raw in _iter_file_records(path, truncated):
             if g >= start and (g // RECORDS_PER_BLOCK) % nproc == proc:
                 yield g, path, line_no, raw
             g += 1
@@ -605,9 +620,12 @@ def count_records(files: list[Path]) -> int | None:
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rb") as f:
             last = b"\n"
-            while chunk := f.read(1 << 22):
-                total += chunk.count(b"\n")
-                last = chunk[-1:]
+            try:
+                while chunk := f.read(1 << 22):
+                    total += chunk.count(b"\n")
+                    last = chunk[-1:]
+            except COMPRESSED_STREAM_ERRORS:
+                pass  # reported by the run itself
             total += last != b"\n"
     return total
 
@@ -649,12 +667,16 @@ class RecordParser:
         self.image_dir = d.image_dir
         self.clean = _make_cleaner(cfg)
         self.system_turns = 0  # leading system turns seen (dropped: the image position must stay fixed)
+        self.check_images = d.check_images
+        self.image_ok: dict[str, bool] = {}  # image path -> header readable (images repeat across records)
 
     def parse(self, raw: Any) -> tuple[str | None, Any]:
         if isinstance(raw, (bytes, str)):
             try:
                 raw = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except UnicodeDecodeError:
+                return "undecodable_text", None
+            except json.JSONDecodeError:
                 return "malformed_json", None
         if not isinstance(raw, dict):
             return "not_an_object", None
@@ -667,8 +689,11 @@ class RecordParser:
                 return "non_string_value", None
             if not safe_relative_path(image):
                 return "image_outside_root", None
-            if not os.path.isfile(os.path.join(self.image_dir, image)):
+            path = os.path.join(self.image_dir, image)
+            if not os.path.isfile(path):
                 return "missing_image", None
+            if self.check_images and not self._image_readable(path):
+                return "unreadable_image", None
         roles, texts = [], []
         for turn in conv:
             if not isinstance(turn, dict) or "from" not in turn or self.content_key not in turn:
@@ -704,6 +729,23 @@ class RecordParser:
                     user = "\n" + user.strip()
             pairs.append((self.clean(user), self.clean(answer)))
         return None, (image, pairs)
+
+    def _image_readable(self, path: str) -> bool:
+        ok = self.image_ok.get(path)
+        if ok is None:
+            ok = self.image_ok[path] = image_header_readable(path)
+        return ok
+
+
+def image_header_readable(path: str) -> bool:
+    """True when PIL recognises the file and parses its header (size, mode); the pixels are not decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.width > 0 and im.height > 0
+    except Exception:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ... on bad files
+        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -880,7 +922,8 @@ def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[st
     last_index = state["next_record"] - 1
     written_before = counts["successful_files"]
     block: list[tuple[int, Path, int, Any]] = []
-    source = iter_assigned_records([Path(f) for f in files], proc, nproc, state["next_record"])
+    truncated: list[str] = []
+    source = iter_assigned_records([Path(f) for f in files], proc, nproc, state["next_record"], truncated)
     while True:
         block.clear()
         for item in source:
@@ -928,6 +971,7 @@ def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[st
     counts["system_turns_dropped"] = parser.system_turns + base_system_turns
     writer.finish(last_index + 1, cfg.processing.write_remainder)
     state["next_record"] = last_index + 1
+    state["truncated_inputs"] = truncated
     state["done"] = True
     _write_json_atomic(ckpt, state)
     return state
@@ -957,6 +1001,22 @@ def _remove_stale_files(out_dir: Path, name: str, proc: int, files_written: int)
 # --------------------------------------------------------------------------------------------------------------
 # The whole preprocessing run
 # --------------------------------------------------------------------------------------------------------------
+
+
+def unfinished_dataset_problem(params: dict | None, folder: str | os.PathLike) -> str | None:
+    """Why the H5 folder with these data_params cannot be used yet (None when it can).
+
+    Our runs write data_params.json with dataset_complete false at the start and true at the end; a file with a
+    `setup` section but no `post-process` is an unfinished run of an older version. Cerebras' files (written at
+    the end) and hand-made ones without `setup` are accepted."""
+    if not params:
+        return None
+    if params.get("dataset_complete") is False or ("dataset_complete" not in params and "setup" in params
+                                                   and "post-process" not in params):
+        return (f"{folder}: this H5 dataset is unfinished (create_hdf5_dataset.py was interrupted; data_params.json "
+                f"has no post-process summary). Finish it with the same command plus --resume_from_checkpoint True, "
+                f"or rerun it with --overwrite")
+    return None
 
 
 def _prepare_output_dir(cfg: PreprocConfig, overwrite: bool) -> Path:
@@ -1019,7 +1079,8 @@ def preprocess(mode: str, cfg: PreprocConfig, overwrite: bool = False, progress:
             print(f"{out}: the run is already complete ({prev['post-process']['n_examples']} samples); nothing "
                   f"to resume")
             return prev
-    _write_json_atomic(out / "data_params.json", params)
+    # Written first without `post-process` and marked unfinished, so a killed run is never taken for a dataset.
+    _write_json_atomic(out / "data_params.json", {**params, "dataset_complete": False})
     if cfg.dataset.use_ftfy and not _has_module("ftfy"):
         print("note: ftfy is not installed, so dataset.use_ftfy only applies unicode normalisation "
               f"({cfg.dataset.ftfy_normalizer}); install ftfy for Cerebras-identical text cleaning", file=sys.stderr)
@@ -1123,10 +1184,12 @@ def _summarise(params: dict, states: list[dict], layout: TokenLayout) -> dict:
             examples.setdefault(r, []).extend(s["examples"].get(r, []))
     stats = {k: sum(s["stats"][k] for s in states) for k in _zero_stats()}
     result = dict(params)
+    result["dataset_complete"] = True
     result["post-process"] = {
         **counts, "n_examples": stats["num_sequences"], "eos_id": layout.eos_id, "pad_id": layout.pad_id,
         "vocab_size": layout.vocab_size,
         "discarded_by_reason": dict(sorted(reasons.items())),
+        "truncated_input_files": sorted({f for s in states for f in s.get("truncated_inputs", [])}),
         "discarded_examples": {r: examples[r][:3] for r in sorted(examples)},
     }
     result["h5_dataset_stats"] = stats
@@ -1163,6 +1226,9 @@ def _print_summary(result: dict, elapsed: float, out: Path) -> None:
     for reason, n in pp["discarded_by_reason"].items():
         ex = ", ".join(str(e) for e in pp["discarded_examples"].get(reason, []))
         print(f"  skipped {n:>8} {reason}: {SKIP_REASONS.get(reason, '')} (e.g. {ex})")
+    for path in pp["truncated_input_files"]:
+        print(f"  warning: {path} is truncated or damaged (the compressed stream ends early): the records before "
+              f"the damage were used; re-download or re-compress it to use the rest")
     if pp["system_turns_dropped"]:
         print(f"  note: {pp['system_turns_dropped']} leading system turn(s) dropped: the style's system prompt "
               f"is used so that the image position stays fixed")
@@ -1255,6 +1321,11 @@ def shuffle(input_dir: str | os.PathLike, output_dir: str | os.PathLike, num_chu
         raise ConfigError(f"shuffle: no .h5 files under {str(src)!r}")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ConfigError(f"shuffle: output folder {str(dst)!r} must not be the input folder or inside it")
+    params_src = src / "data_params.json"
+    params = json.loads(params_src.read_text(encoding="utf-8")) if params_src.is_file() else {}
+    problem = unfinished_dataset_problem(params, src)
+    if problem:
+        raise ConfigError(f"shuffle: {problem}")
     dst.mkdir(parents=True, exist_ok=True)
     old = list(dst.glob("*.h5"))
     if old and not overwrite:
@@ -1272,6 +1343,8 @@ def shuffle(input_dir: str | os.PathLike, output_dir: str | os.PathLike, num_chu
     if len(shapes) > 1 or len(with_paths) > 1:
         raise ConfigError(f"shuffle: input files differ in row shape/dtype {sorted(shapes)} or in having "
                           f"img_path; shuffle only files of one dataset")
+    # Marked unfinished until every chunk is written: a killed shuffle is not taken for a dataset.
+    _write_json_atomic(dst / "data_params.json", {**params, "dataset_complete": False})
     members = _chunk_members(sizes, num_chunks, seed)
     jobs = [(c, [str(f) for f in files], members[c], str(dst)) for c in range(num_chunks) if len(members[c])]
     total = 0
@@ -1289,11 +1362,8 @@ def shuffle(input_dir: str | os.PathLike, output_dir: str | os.PathLike, num_chu
                 total += n
                 bar.update(n)
     bar.close()
-    params_src = src / "data_params.json"
-    if params_src.is_file():
-        params = json.loads(params_src.read_text(encoding="utf-8"))
-        params["shuffle"] = {"source": str(src), "num_chunks": num_chunks, "seed": seed, "n_examples": total}
-        _write_json_atomic(dst / "data_params.json", params)
+    params["shuffle"] = {"source": str(src), "num_chunks": num_chunks, "seed": seed, "n_examples": total}
+    _write_json_atomic(dst / "data_params.json", {**params, "dataset_complete": True})
     print(f"shuffled {total} samples from {len(files)} file(s) into {len(jobs)} file(s) in {dst}")
     return total
 
@@ -1442,11 +1512,28 @@ def build_transforms(specs: list[dict] | None) -> Callable[[Any], np.ndarray]:
 def _h5_files(data_dir: str | os.PathLike) -> list[Path]:
     d = Path(data_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"data_dir {str(d)!r} not found")
+        raise DatasetError(f"data_dir {str(d)!r} not found; create it with create_hdf5_dataset.py")
     files = sorted(p for p in d.glob("*.h5") if p.is_file())
     if not files:
-        raise FileNotFoundError(f"data_dir {str(d)!r} holds no .h5 files")
+        others = sorted(p.name for p in d.iterdir())[:5]
+        raise DatasetError(f"data_dir {str(d)!r} holds no .h5 files (found: {', '.join(others) or 'nothing'}); "
+                           f"point data_dir at the output_dir of create_hdf5_dataset.py")
     return files
+
+
+def _h5_shape(path: Path) -> tuple:
+    """Shape of the `data` dataset of one H5 file; a file h5py cannot open is named with what to do."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f or "img_path" not in f:
+                raise DatasetError(f"{path}: expected 'data' and 'img_path' datasets (multimodal H5), found "
+                                   f"{list(f.keys())}")
+            return f["data"].shape
+    except OSError as e:  # truncated copy, not HDF5 at all, damaged superblock
+        raise DatasetError(f"{path}: not a readable H5 file ({e}); it is truncated or corrupt: copy it again or "
+                           f"regenerate the dataset with create_hdf5_dataset.py") from None
 
 
 def _make_reader_classes():
@@ -1461,8 +1548,6 @@ def _make_reader_classes():
         def __init__(self, data_dir: str | list[str], img_data_dir: str | None, transforms: list[dict] | None,
                      image_data_size: tuple[int, int, int] = (3, 336, 336), dtype: torch.dtype = torch.float32,
                      on_bad_image: str = "error"):
-            import h5py
-
             if on_bad_image not in ("error", "text_only"):
                 raise ValueError(f"on_bad_image must be 'error' or 'text_only', found {on_bad_image!r}")
             dirs = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
@@ -1471,18 +1556,17 @@ def _make_reader_classes():
             self.files: list[str] = []
             sizes, msl = [], None
             for d in dirs:
+                problem = unfinished_dataset_problem(_read_data_params(Path(d)), d)
+                if problem:
+                    raise DatasetError(problem)
                 for path in _h5_files(d):
-                    with h5py.File(path, "r") as f:
-                        if "data" not in f or "img_path" not in f:
-                            raise ValueError(f"{path}: expected 'data' and 'img_path' datasets (multimodal H5), "
-                                             f"found {list(f.keys())}")
-                        shape = f["data"].shape
-                        if len(shape) != 3 or shape[1] != 4:
-                            raise ValueError(f"{path}: data has shape {shape}; expected [n, 4, MSL] (input_ids, "
-                                             f"loss_mask, labels, key_padding_mask)")
-                        if msl is not None and shape[2] != msl:
-                            raise ValueError(f"{path}: MSL {shape[2]} differs from {msl} of {self.files[0]}")
-                        msl = shape[2]
+                    shape = _h5_shape(path)
+                    if len(shape) != 3 or shape[1] != 4:
+                        raise DatasetError(f"{path}: data has shape {shape}; expected [n, 4, MSL] (input_ids, "
+                                           f"loss_mask, labels, key_padding_mask)")
+                    if msl is not None and shape[2] != msl:
+                        raise DatasetError(f"{path}: MSL {shape[2]} differs from {msl} of {self.files[0]}")
+                    msl = shape[2]
                     self.files.append(str(path))
                     sizes.append(shape[0])
             self.max_sequence_length = int(msl)
@@ -1493,9 +1577,7 @@ def _make_reader_classes():
             self.on_bad_image = on_bad_image
             self.transform = build_transforms(transforms)
             self.bad_image_count = 0
-            params_path = Path(dirs[0]) / "data_params.json"
-            self.data_params = json.loads(params_path.read_text(encoding="utf-8")) if params_path.is_file() \
-                else None
+            self.data_params = _read_data_params(Path(dirs[0]))
             info = (self.data_params or {}).get("image_patch_info", {})
             num_patches = (self.data_params or {}).get("dataset", {}).get("num_patches")
             self._image_start = info.get("image_patch_start_idx")
@@ -1533,7 +1615,11 @@ def _make_reader_classes():
             k = int(np.searchsorted(self._starts, i, side="right")) - 1
             j = i - int(self._starts[k])
             _, data, paths = self._file(k)
-            row = np.asarray(data[j], dtype=np.int32)
+            try:
+                row = np.asarray(data[j], dtype=np.int32)
+            except OSError as e:  # a damaged compressed chunk
+                raise DatasetError(f"{self.files[k]}: sample {j} cannot be read ({e}); the file is corrupt: copy "
+                                   f"it again or regenerate the dataset with create_hdf5_dataset.py") from None
             rel = paths[j]
             rel = rel.decode("utf-8") if isinstance(rel, bytes) else str(rel)
             if rel == "None":
@@ -1641,6 +1727,20 @@ def _make_reader_classes():
 
 class ImageReadError(RuntimeError):
     """An image named in an H5 file cannot be read at training time."""
+
+
+class DatasetError(ValueError):
+    """The H5 data folder cannot be used (no H5 files, a corrupt or unfinished dataset)."""
+
+
+def _read_data_params(folder: Path) -> dict | None:
+    path = folder / "data_params.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e}); regenerate it with create_hdf5_dataset.py") from None
 
 
 def _find_pad_run(input_ids: np.ndarray, labels: np.ndarray, npatch: int | None) -> tuple[int, int]:

@@ -36,6 +36,7 @@ complete.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import io
 import json
@@ -43,6 +44,7 @@ import math
 import os
 import posixpath
 import random
+import shutil
 import string
 import sys
 from collections import Counter, defaultdict
@@ -157,8 +159,39 @@ class Report:
 
 
 def partial_name(path: Path) -> Path:
-    """A hidden temporary name next to `path` that no reader globbing for *.jsonl / *.png picks up."""
+    """A hidden temporary name next to `path` that no reader globbing for *.jsonl / *.png picks up.
+
+    Partial files of the same output left by a killed run (whose process is gone) are removed here."""
+    remove_stale_partials(path)
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Delete `.<name>.partial-<pid>` files/folders next to `path` whose writing process no longer runs."""
+    folder = path.parent
+    if not folder.is_dir():
+        return
+    prefix = f".{path.name}.partial-"
+    for leftover in folder.iterdir():
+        pid = leftover.name[len(prefix):]
+        if not leftover.name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if _process_alive(int(pid)):
+            continue  # another run is writing the same output right now: not ours to delete
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -338,19 +371,19 @@ def load_json(path: Path, report: Report):
 
 
 def iter_json_lines(path: Path, report: Report) -> Iterator[tuple[int, dict]]:
-    """Stream (line_number, object) from a json-lines file; malformed lines are counted and skipped."""
-    with open(path, encoding="utf-8-sig", errors="strict") as f:
-        lineno = 0
-        while True:
+    """Stream (line_number, object) from a json-lines file; malformed lines are counted and skipped.
+
+    Lines are decoded one by one, so a line with invalid UTF-8 bytes costs only that line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not raw.strip():
+                continue
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                report.skip(BadRecord("undecodable text", str(err)), f"{path} after line {lineno}")
-                return
-            if not line:
-                return
-            lineno += 1
-            if not line.strip():
+                report.skip(BadRecord("undecodable text", f"not valid UTF-8: {err}"), f"{path} line {lineno}")
                 continue
             try:
                 yield lineno, json.loads(line)

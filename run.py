@@ -24,6 +24,7 @@ only (phase 2 from phase 1). Converted checkpoints (keys without `model.`) load 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -343,8 +344,11 @@ def make_dataset(cfg: InputConfig, model_cfg, image_dtype):
     for d in dirs:
         if not Path(d).is_dir():
             raise SystemExit(f"data_dir {d}: no such directory (create it with create_hdf5_dataset.py)")
-    return hd.LlavaH5Dataset(cfg.data_dir, cfg.img_data_dir, cfg.transforms, image_data_size=size,
-                             dtype=image_dtype, on_bad_image=cfg.on_bad_image)
+    try:
+        return hd.LlavaH5Dataset(cfg.data_dir, cfg.img_data_dir, cfg.transforms, image_data_size=size,
+                                 dtype=image_dtype, on_bad_image=cfg.on_bad_image)
+    except hd.DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def check_data_against_model(dataset, model_cfg, where: str) -> None:
@@ -1159,11 +1163,36 @@ def main(argv=None):
                              "`pip install -r requirements-csx.txt` (or run on GPU/CPU)") from None
         import run_csx
 
-        return run_csx.run(args, params, sections)
+        with input_errors_as_messages():
+            return run_csx.run(args, params, sections)
+    with input_errors_as_messages():
+        try:
+            return run_torch(args, params, sections)
+        except NonFiniteLoss as e:
+            raise SystemExit(str(e)) from None
+
+
+@contextlib.contextmanager
+def input_errors_as_messages():
+    """A bad image or H5 file met while training ends the run with its message only (exit 1), also when a
+    DataLoader worker met it. Checkpoints are only written between steps, so the last one stays as it was."""
+    import create_hdf5_dataset as hd
+
     try:
-        return run_torch(args, params, sections)
-    except NonFiniteLoss as e:
-        raise SystemExit(str(e)) from None
+        yield
+    except (hd.ImageReadError, hd.DatasetError) as e:
+        raise SystemExit(f"error: {input_error_message(e)}") from None
+
+
+def input_error_message(err: Exception) -> str:
+    """The error's own message; a DataLoader worker's re-raised error carries the worker's whole traceback in
+    its text ("Caught X in DataLoader worker process N. Original Traceback ..."): keep its last line only."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
 
 
 if __name__ == "__main__":

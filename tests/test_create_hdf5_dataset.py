@@ -54,10 +54,10 @@ def rec(rid, image, *turns, **extra):
 
 def write_jsonl(path: Path, records) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "wb") as f:  # bytes records are written as they are (invalid UTF-8 cases)
         for r in records:
-            f.write(r if isinstance(r, str) else json.dumps(r))
-            f.write("\n")
+            f.write(r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode("utf-8"))
+            f.write(b"\n")
     return path
 
 
@@ -297,7 +297,8 @@ def test_h5_layout_file_split_and_data_params(tmp_path, tok_dir, image_dir):
     params = json.loads((out / "data_params.json").read_text())
     assert params == res
     assert set(params) == {"setup", "processing", "dataset", "post-process", "h5_dataset_stats",
-                           "image_patch_info"}
+                           "image_patch_info", "dataset_complete"}
+    assert params["dataset_complete"] is True and params["post-process"]["truncated_input_files"] == []
     pp = params["post-process"]
     assert (pp["processed_files"], pp["successful_files"], pp["discarded_files"], pp["n_examples"]) == (5, 5, 0, 5)
     assert pp["eos_id"] == 2 and pp["pad_id"] == 2 and pp["vocab_size"] > 100
@@ -350,15 +351,20 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path, tok_dir, image_dir, ca
         rec("long", "a.jpg", "<image>\nq", long_answer),                 # too_long (phase 1 no longer crashes)
         rec("trunc", "a.jpg", "<image>\nq", "blue", "q2", long_answer),  # truncated to its first turn
         '{"id": "sur", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x\\ud800"}]}',
+        b'{"id": "ff", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x\xff"}]}',
+        rec("bad", "broken.jpg", "<image>\nq", "a"),                     # unreadable_image (check_images)
     ]
-    res, (data, _) = run(tmp_path, tok_dir, image_dir, 1, records)
+    (image_dir / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    res, (data, _) = run(tmp_path, tok_dir, image_dir, 1, records, check_images=True)
     pp = res["post-process"]
     assert pp["discarded_by_reason"] == {"malformed_json": 1, "not_an_object": 1, "no_conversations": 1,
                                          "bad_turn": 1, "non_string_value": 2, "unknown_role": 1,
                                          "not_alternating": 2, "image_outside_root": 2, "missing_image": 1,
-                                         "too_long": 1, "invalid_unicode": 1}
+                                         "too_long": 1, "invalid_unicode": 1, "undecodable_text": 1,
+                                         "unreadable_image": 1}
     assert set(pp["discarded_by_reason"]) == set(c.SKIP_REASONS)  # every reason has a case here
-    assert pp["discarded_files"] == 14 and pp["successful_files"] == 2 and pp["truncated_samples"] == 1
+    assert pp["discarded_files"] == 16 and pp["successful_files"] == 2 and pp["truncated_samples"] == 1
+    assert pp["discarded_examples"]["undecodable_text"] == ["ff (data.jsonl:17)"]
     assert pp["discarded_examples"]["missing_image"] == ["miss (data.jsonl:13)"]
     np.testing.assert_array_equal(data[0], data[1])  # truncated sample == the one-turn sample
     printed = capsys.readouterr().out
