@@ -13,7 +13,7 @@ Commands (Steps 5 and 8 of the documented pipeline, written exactly as Cerebras 
       --config llava_hf_dir --output-dir cs_out llava_hf_dir
   python convert_checkpoint.py convert --model llava --src-fmt cs-2.2 --tgt-fmt hf \
       --config cs_out/config_to_cs-2.2.yaml --output-dir hf_out [--hf-shard-size 10GB] [--export-safetensors] \
-      [--tokenizer-dir vicuna_dir] model_dir/checkpoint_5197.mdl
+      [--tokenizer-dir vicuna_dir] [--vision-tower PATH_OR_HUB_ID] model_dir/checkpoint_5197.mdl
   python convert_checkpoint.py convert --model llava --src-fmt llava-hf --tgt-fmt cs-2.2 \
       --config llava-1.5-7b-hf --output-dir cs_out llava-1.5-7b-hf
   python convert_checkpoint.py convert --model llava --src-fmt cs-2.2 --tgt-fmt llava-hf \
@@ -23,18 +23,22 @@ Commands (Steps 5 and 8 of the documented pipeline, written exactly as Cerebras 
 
 Guarantees: every source key is mapped or listed in a DROPPED table; unknown keys, missing keys and shape
 mismatches raise with the key names; dtype is kept unless --dtype says otherwise; sharded inputs are read one
-shard at a time; pickles are read with torch.load(weights_only=True) (code in a pickle is refused).
+shard at a time; pickles are read with torch.load(weights_only=True) (code in a pickle is refused); a truncated
+or damaged weight file fails with its name; the output appears only when the whole conversion succeeded (it is
+written into a hidden folder inside --output-dir and moved into place at the end).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -938,6 +942,15 @@ def load_cs_checkpoint(path: Path) -> tuple:
     return strip_model_prefix(state), params
 
 
+def check_no_weights(folder: Path) -> None:
+    """Never mix shards of two conversions, never overwrite someone's original weights."""
+    folder = Path(folder)
+    existing = sorted(p.name for p in folder.iterdir() if _HF_WEIGHT_NAME.match(p.name)) if folder.is_dir() else []
+    if existing:
+        raise ConversionError(f"{folder} already holds weights ({', '.join(existing[:4])}); remove them or "
+                              "choose another --output-dir")
+
+
 class ShardedWriter:
     """Writes tensors into HF-style shards of at most `max_bytes`, under temporary names renamed by close().
 
@@ -945,11 +958,8 @@ class ShardedWriter:
 
     def __init__(self, folder: Path, max_bytes: int, safetensors: bool):
         self.folder = Path(folder)
+        check_no_weights(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        existing = sorted(p.name for p in self.folder.iterdir() if _HF_WEIGHT_NAME.match(p.name))
-        if existing:  # never mix shards of two conversions, never overwrite someone's original weights
-            raise ConversionError(f"{self.folder} already holds weights ({', '.join(existing[:4])}); remove them or "
-                                  "choose another --output-dir")
         self.max_bytes = max_bytes
         self.safetensors = safetensors
         self.current: dict = {}
@@ -1032,6 +1042,45 @@ def _torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A fresh hidden folder inside `out` for the conversion to write into. Its files move into `out` only once the
+    conversion has finished; on any failure (a damaged shard, a bad option, Ctrl-C) it is deleted instead, so `out`
+    keeps exactly what it held before, and a folder this run had to create is removed again."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--output-dir {out} is a file; give a folder")
+    missing = []  # deepest first
+    folder = out.absolute()
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".partial-conversion-", dir=out))
+    except OSError as e:
+        raise ConversionError(f"--output-dir {out}: cannot write there ({e})") from None
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
+    _move_into(stage, out)
+
+
+def _move_into(stage: Path, out: Path) -> None:
+    """Move every file of `stage` to the same relative path in `out` (replacing a file of that name), drop `stage`."""
+    for path in sorted(stage.rglob("*")):
+        if not path.is_dir():
+            target = out / path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(stage)
+
+
 def read_cs_yaml(path: Path) -> dict:
     """The `model:` section of a CS params yaml (run config, converted config, or 2.10 trainer format)."""
     import create_hdf5_dataset as hd
@@ -1084,6 +1133,7 @@ class Options:
     strict: bool = True  # False = --drop-unmatched-keys
     tokenizer_dir: Optional[Path] = None  # --tokenizer-dir: tokenizer files for the hf / llava-hf output
     seed: int = 0  # --seed for a fresh projector (plain Vicuna input)
+    vision_tower: Optional[str] = None  # --vision-tower: mm_vision_tower of hf output; None = OUT/image_model
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -1332,6 +1382,7 @@ def _tokenizer_dir(opts: Options, checkpoint: Path, required: bool) -> Optional[
 def convert_cs_to_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, opts: Options = Options()) -> list:
     """cs-2.2 .mdl + yaml -> OUT/image_model/ (CLIPVisionModel) + OUT/text_model/ (LLaVA), sharded."""
     state, cfg, _, expected = _load_cs_and_config(Path(checkpoint), config)
+    tokenizer = _tokenizer_dir(opts, Path(checkpoint), required=False)
     out_dir = Path(out_dir)
     dtype = opts.dtype or _dtype_name(state["text_model.embedding_layer.word_embeddings.weight"])
     image_dir, text_dir = out_dir / "image_model", out_dir / "text_model"
@@ -1339,7 +1390,7 @@ def convert_cs_to_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, op
                "text": ShardedWriter(text_dir, opts.shard_bytes, opts.safetensors)}
     # Configs first: they validate that the CS model is expressible in the LLaVA repo's terms.
     clip_config = cs_to_hf_clip_config(cfg, dtype)
-    text_config = cs_to_hf_text_config(cfg, str(image_dir.resolve()), dtype)
+    text_config = cs_to_hf_text_config(cfg, opts.vision_tower or str(image_dir.resolve()), dtype)
     mapper = KeyMapper(False, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)))
     for key, tensor in _cs_tensors(state, expected, cfg, opts.progress, "cs -> hf"):
         for hf_key, value in mapper.convert(key, tensor):
@@ -1349,13 +1400,12 @@ def convert_cs_to_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, op
     _write_json(image_dir / "config.json", clip_config)
     _write_json(image_dir / "preprocessor_config.json", preprocessor_config(cfg))
     _write_json(text_dir / "config.json", text_config)
-    tokenizer = _tokenizer_dir(opts, Path(checkpoint), required=False)
     if tokenizer is not None:
         for name in TOKENIZER_FILES:
             if (tokenizer / name).is_file():
                 shutil.copy2(tokenizer / name, text_dir / name)
     else:
-        print(f"No tokenizer files copied into {text_dir} (pass --tokenizer-dir); the LLaVA repo needs them",
+        print("No tokenizer files copied into text_model/ (pass --tokenizer-dir); the LLaVA repo needs them",
               file=sys.stderr)
     return written + [image_dir / "config.json", text_dir / "config.json"]
 
@@ -1472,7 +1522,8 @@ CONVERSIONS = {  # (src, tgt) -> note for `list`
                   "Pass DIR as --config and as the checkpoint. No mm_projector weights (plain Vicuna): a fresh "
                   "projector is created. Writes pytorch_model_to_cs-2.2.mdl + config_to_cs-2.2.yaml.",
     ("cs", "hf"): "A run.py checkpoint (.mdl, with or without the `model.` prefix) + its params yaml as --config. "
-                  "Writes OUT/image_model/ and OUT/text_model/ (mm_vision_tower -> OUT/image_model); rename "
+                  "Writes OUT/image_model/ and OUT/text_model/ (mm_vision_tower -> OUT/image_model, or "
+                  "--vision-tower PATH_OR_HUB_ID); rename "
                   "text_model to a name containing 'llava' for the LLaVA repo. --tokenizer-dir copies tokenizer files.",
     ("llava-hf", "cs"): "A transformers LlavaForConditionalGeneration folder (config.json + weights).",
     ("cs", "llava-hf"): "Writes a folder LlavaForConditionalGeneration/AutoProcessor load (safetensors); needs "
@@ -1524,46 +1575,70 @@ def _check_pair(src: str, tgt: str) -> tuple:
     return pair
 
 
+def _vision_tower(args, out: Path) -> Optional[str]:
+    """--vision-tower exactly as given; for --tgt-fmt hf the default is the absolute path of OUT/image_model."""
+    if _kind(args.tgt_fmt) != "hf":
+        if args.vision_tower is not None:
+            raise ConversionError(f"--vision-tower only applies to --tgt-fmt hf (it sets mm_vision_tower in "
+                                  f"text_model/config.json); --tgt-fmt {args.tgt_fmt} output has no such field, it "
+                                  "carries the vision tower itself: drop the option")
+        return None
+    if args.vision_tower is not None and not args.vision_tower.strip():
+        raise ConversionError("--vision-tower is empty; give a path or a hub id such as "
+                              "openai/clip-vit-large-patch14-336, or leave it out for OUT/image_model")
+    return args.vision_tower if args.vision_tower is not None else str((out / "image_model").resolve())
+
+
+def _check_output(tgt: str, out: Path) -> None:
+    """Before any work: an hf/llava-hf output folder must not already hold weights."""
+    folders = {"hf": [out / "image_model", out / "text_model"], "llava-hf": [out]}.get(tgt, [])
+    for folder in folders:
+        check_no_weights(folder)
+
+
+def _convert(pair: tuple, src: Path, config: Optional[Path], out: Path, tgt_fmt: str, opts: Options) -> tuple:
+    """Run one conversion into `out`: ([checkpoint paths], [config paths])."""
+    to_cs = {("hf", "cs"): convert_hf_to_cs, ("llava-hf", "cs"): convert_llava_hf_to_cs, ("cs", "cs"): convert_cs_to_cs}
+    if pair in to_cs:
+        ckpt, cfg = to_cs[pair](src, config, out, _cs_name(tgt_fmt), opts)
+        return [ckpt], [cfg]
+    if pair == ("cs", "hf"):
+        convert_cs_to_hf(src, config, out, opts)
+        return [out / "image_model", out / "text_model"], [out / "image_model" / "config.json",
+                                                           out / "text_model" / "config.json"]
+    convert_cs_to_llava_hf(src, config, out, opts)
+    return [out], [out / "config.json"]
+
+
+def _final(paths: list, stage: Path, out: Path) -> str:
+    """Paths written under the staging folder, named where they are now."""
+    return ", ".join(str(out / Path(p).relative_to(stage)) for p in paths)
+
+
 def cmd_convert(args) -> int:
     pair = _check_pair(args.src_fmt, args.tgt_fmt)
     opts = _options(args)
     src = Path(args.checkpoint)
+    out = Path(args.output_dir) if args.output_dir else (src if src.is_dir() else src.parent)
+    opts.vision_tower = _vision_tower(args, out)
     if not src.exists():
         raise ConversionError(f"{src}: not found")
     if pair[0] != "cs" and src.is_file():
         raise ConversionError(f"{src} is a file; --src-fmt {args.src_fmt} expects a folder "
                               f"(a single .mdl file is --src-fmt cs-2.2)")
-    default_out = src if src.is_dir() else src.parent
-    out = Path(args.output_dir) if args.output_dir else default_out
     config = Path(args.config) if args.config else (src if pair[0] != "cs" else None)
+    _check_output(pair[1], out)
     start = time.time()
-    if pair == ("hf", "cs"):
-        ckpt, cfg = convert_hf_to_cs(src, config, out, _cs_name(args.tgt_fmt), opts)
-        saved, configs = [ckpt], [cfg]
-    elif pair == ("llava-hf", "cs"):
-        ckpt, cfg = convert_llava_hf_to_cs(src, config, out, _cs_name(args.tgt_fmt), opts)
-        saved, configs = [ckpt], [cfg]
-    elif pair == ("cs", "cs"):
-        ckpt, cfg = convert_cs_to_cs(src, config, out, _cs_name(args.tgt_fmt), opts)
-        saved, configs = [ckpt], [cfg]
-    elif pair == ("cs", "hf"):
-        convert_cs_to_hf(src, config, out, opts)
-        saved, configs = [out / "image_model", out / "text_model"], [out / "image_model" / "config.json",
-                                                                      out / "text_model" / "config.json"]
-    else:
-        convert_cs_to_llava_hf(src, config, out, opts)
-        saved, configs = [out], [out / "config.json"]
-    print(f"Checkpoint saved to {', '.join(map(str, saved))}")
-    print(f"Config saved to {', '.join(map(str, configs))}")
+    with staged_output(out) as stage:  # nothing reaches `out` unless the whole conversion succeeds
+        saved, configs = _convert(pair, src, config, stage, args.tgt_fmt, opts)
+    print(f"Checkpoint saved to {_final(saved, stage, out)}")
+    print(f"Config saved to {_final(configs, stage, out)}")
     print(f"({time.time() - start:.1f} s)")
     return 0
 
 
-def cmd_convert_config(args) -> int:
-    pair = _check_pair(args.src_fmt, args.tgt_fmt)
-    src = Path(args.config_file)
-    out = Path(args.output_dir) if args.output_dir else (src if src.is_dir() else src.parent)
-    out.mkdir(parents=True, exist_ok=True)
+def _write_configs(pair: tuple, src: Path, out: Path, tgt_fmt: str, vision_tower: Optional[str]) -> list:
+    """convert-config: the converted config file(s) written into `out`."""
     if pair[1] == "cs":
         if pair[0] == "cs":
             section = read_cs_yaml(src)
@@ -1572,26 +1647,34 @@ def cmd_convert_config(args) -> int:
         else:
             section = llava_hf_config_to_cs(read_json(_llava_hf_config_path(src)))
         parse_cs_config(section)  # the (converted) section must be one run.py accepts
-        path = out / f"config_to_{_cs_name(args.tgt_fmt)}.yaml"
+        path = out / f"config_to_{_cs_name(tgt_fmt)}.yaml"
         _write_yaml(path, {"model": section})
-        written = [path]
-    else:
-        cfg = parse_cs_config(read_cs_yaml(src))
-        if pair[1] == "hf":
-            (out / "image_model").mkdir(exist_ok=True)
-            (out / "text_model").mkdir(exist_ok=True)
-            written = [out / "image_model" / "config.json", out / "image_model" / "preprocessor_config.json",
-                       out / "text_model" / "config.json"]
-            _write_json(written[0], cs_to_hf_clip_config(cfg))
-            _write_json(written[1], preprocessor_config(cfg))
-            _write_json(written[2], cs_to_hf_text_config(cfg, str((out / "image_model").resolve())))
-        else:  # without a tokenizer, assume llava-hf's: <image> = vocab, <pad> = vocab + 1
-            vocab = cfg.text_model.vocab_size
-            hf_config = cs_to_llava_hf_config(cfg, vocab, vocab + 1)
-            hf_config["text_config"]["vocab_size"] = llava_hf_vocab_rows(vocab + 2, vocab)
-            written = [out / "config.json"]
-            _write_json(written[0], hf_config)
-    print(f"Config saved to {', '.join(map(str, written))}")
+        return [path]
+    cfg = parse_cs_config(read_cs_yaml(src))
+    if pair[1] == "hf":
+        (out / "image_model").mkdir()
+        (out / "text_model").mkdir()
+        written = [out / "image_model" / "config.json", out / "image_model" / "preprocessor_config.json",
+                   out / "text_model" / "config.json"]
+        _write_json(written[0], cs_to_hf_clip_config(cfg))
+        _write_json(written[1], preprocessor_config(cfg))
+        _write_json(written[2], cs_to_hf_text_config(cfg, vision_tower))
+        return written
+    vocab = cfg.text_model.vocab_size  # without a tokenizer, assume llava-hf's: <image> = vocab, <pad> = vocab + 1
+    hf_config = cs_to_llava_hf_config(cfg, vocab, vocab + 1)
+    hf_config["text_config"]["vocab_size"] = llava_hf_vocab_rows(vocab + 2, vocab)
+    _write_json(out / "config.json", hf_config)
+    return [out / "config.json"]
+
+
+def cmd_convert_config(args) -> int:
+    pair = _check_pair(args.src_fmt, args.tgt_fmt)
+    src = Path(args.config_file)
+    out = Path(args.output_dir) if args.output_dir else (src if src.is_dir() else src.parent)
+    vision_tower = _vision_tower(args, out)
+    with staged_output(out) as stage:
+        written = _write_configs(pair, src, stage, args.tgt_fmt, vision_tower)
+    print(f"Config saved to {_final(written, stage, out)}")
     return 0
 
 
@@ -1630,6 +1713,14 @@ def cmd_diff(args) -> int:
     return 0 if same else 1
 
 
+VISION_TOWER_HELP = ("hf output: the value of mm_vision_tower in text_model/config.json, written exactly as "
+                     "given: a path or a hub id such as openai/clip-vit-large-patch14-336 (the LLaVA repo then loads "
+                     "that CLIP, right only if the vision tower was frozen in training). Default: the absolute path "
+                     "of OUT/image_model, which stops working when the export is moved or copied to another "
+                     "machine: then set mm_vision_tower in text_model/config.json to the new image_model path, or "
+                     "convert again with --vision-tower NEW_PATH/image_model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1654,6 +1745,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-unmatched-keys", action="store_true", help="drop (and list) unknown source keys "
                    "instead of failing")
     p.add_argument("--seed", type=int, default=0, help="seed of a fresh projector (plain Vicuna input)")
+    p.add_argument("--vision-tower", metavar="PATH_OR_HUB_ID", help=VISION_TOWER_HELP)
     p.add_argument("--no-progress-bar", "--no_progress", dest="no_progress_bar", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback on failure")
     p.set_defaults(func=cmd_convert)
@@ -1665,6 +1757,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src-fmt", required=True, choices=FORMATS)
     p.add_argument("--tgt-fmt", required=True, choices=FORMATS)
     p.add_argument("--output-dir")
+    p.add_argument("--vision-tower", metavar="PATH_OR_HUB_ID", help=VISION_TOWER_HELP)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_convert_config)
 

@@ -1649,8 +1649,10 @@ def _make_reader_classes():
             except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ... on bad files
                 if self.on_bad_image == "error":
                     raise ImageReadError(f"image {path!r} ({where}) cannot be read: {type(e).__name__}: {e}. "
-                                         f"Fix or remove the file, or set the reader's on_bad_image to "
-                                         f"'text_only' to train such samples without their image") from e
+                                         f"Fix or replace the file, or set on_bad_image: text_only "
+                                         f"(train_input / eval_input) to train such samples without their "
+                                         f"image; create_hdf5_dataset.py with dataset.check_images: true finds "
+                                         f"such files before training") from e
                 self.bad_image_count += 1
                 if self.bad_image_count == 1:
                     print(f"warning: image {path!r} ({where}) cannot be read ({type(e).__name__}: {e}); "
