@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional
@@ -803,6 +804,7 @@ def find_weight_files(folder: Path) -> list:
         if not path.is_file():
             continue
         if not name.endswith(".index.json"):
+            check_complete(path)
             return [path]
         weight_map = read_json(path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -811,6 +813,8 @@ def find_weight_files(folder: Path) -> list:
         absent = [str(s) for s in shards if not s.is_file()]
         if absent:
             raise ConversionError(f"{path} lists shards that are not there: {', '.join(absent)}")
+        for shard in shards:
+            check_complete(shard)
         return shards
     present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
     raise ConversionError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)}; found {present})")
@@ -825,6 +829,43 @@ def damaged_file(path: Path, reader: str, error) -> ConversionError:
     return ConversionError(f"{path} ({size:,} bytes) cannot be read by {reader} ({error}). The file is truncated or "
                            "damaged, most often by an interrupted download or copy: download or copy it again, check "
                            "that its size matches the original, and rerun the conversion")
+
+
+def _safetensors_size(path: Path) -> Optional[int]:
+    """The length a safetensors file has according to its header (8-byte length, JSON, data); None if unreadable."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = f.read(length) if 2 <= length <= 100 * 2**20 else b""
+    try:
+        entries = json.loads(header)
+        ends = [entry["data_offsets"][1] for key, entry in entries.items() if key != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    return 8 + length + max(ends, default=0)
+
+
+def check_complete(path: Path) -> None:
+    """Before any conversion work, a cheap test that a weight file is whole: a safetensors file is as long as its
+    header says; a torch zip file still has its central directory (written last). Legacy pickles are checked
+    when read."""
+    path = Path(path)
+    reader = "safetensors" if path.suffix == ".safetensors" else "torch.load"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not magic:
+        raise damaged_file(path, reader, "the file is empty")
+    if reader == "safetensors":
+        expected = _safetensors_size(path)
+        if expected is None:
+            raise damaged_file(path, reader, "its header is cut off or garbled")
+        if path.stat().st_size < expected:
+            raise damaged_file(path, reader, f"its header describes {expected:,} bytes")
+    elif magic == b"PK\x03\x04":
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError):
+            raise damaged_file(path, reader, "a zip archive without its central directory, which is written "
+                               "last") from None
 
 
 def torch_load(path: Path, mmap: bool = False):
@@ -919,6 +960,8 @@ def load_cs_checkpoint(path: Path) -> tuple:
         raise ConversionError(f"{path}: checkpoint not found")
     with open(path, "rb") as f:
         is_h5 = f.read(8) == HDF5_MAGIC
+    if not is_h5:
+        check_complete(path)
     obj = _load_cerebras_h5(path) if is_h5 else torch_load(path, mmap=True)
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path}: expected a dict, found {type(obj).__name__}")
@@ -1252,6 +1295,8 @@ def convert_hf_to_cs(checkpoint: Path, config_dir: Path, out_dir: Path, tgt_fmt:
     checkpoint, config_dir = Path(checkpoint), Path(config_dir)
     image_cfg, text_cfg = read_hf_configs(config_dir)
     _check_hf_layout(checkpoint)
+    image_files = find_weight_files(checkpoint / "image_model")  # every shard checked whole before any work
+    text_files = find_weight_files(checkpoint / "text_model")
     model_section = hf_configs_to_cs(image_cfg, text_cfg)
     cfg = parse_cs_config(model_section)
     expected = expected_cs_shapes(cfg)
@@ -1259,10 +1304,10 @@ def convert_hf_to_cs(checkpoint: Path, config_dir: Path, out_dir: Path, tgt_fmt:
     heads = Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg))
     out: dict = {}
     image = KeyMapper(True, groups=("clip",), strict=opts.strict)
-    _stream_into(out, find_weight_files(checkpoint / "image_model"), image, expected, config, opts, "image_model")
+    _stream_into(out, image_files, image, expected, config, opts, "image_model")
     image.finish(("clip",))
     text = KeyMapper(True, heads, groups=("llama", "projector"), strict=opts.strict)
-    _stream_into(out, find_weight_files(checkpoint / "text_model"), text, expected, config, opts, "text_model")
+    _stream_into(out, text_files, text, expected, config, opts, "text_model")
     projector_file = checkpoint / "text_model" / "mm_projector.bin"  # LLaVA stage-1 output beside the weights
     if not text.seen["projector"] and projector_file.is_file():
         print(f"Projector weights from {projector_file}", file=sys.stderr)
@@ -1297,13 +1342,14 @@ def convert_llava_hf_to_cs(checkpoint: Path, config: Path, out_dir: Path, tgt_fm
     if "text_config" not in hf_config and "vision_config" not in hf_config:
         raise ConversionError(f"{config_path} is not a LlavaConfig (no text_config/vision_config); for the LLaVA "
                               "repo layout use --src-fmt hf")
+    files = find_weight_files(checkpoint)
     model_section = llava_hf_config_to_cs(hf_config)
     cfg = parse_cs_config(model_section)
     expected = expected_cs_shapes(cfg)
     mapper = KeyMapper(True, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)), rename=LLAVA_HF_PREFIXES,
                        strict=opts.strict)
     out: dict = {}
-    _stream_into(out, find_weight_files(checkpoint), mapper, expected, str(config_path), opts, "llava-hf")
+    _stream_into(out, files, mapper, expected, str(config_path), opts, "llava-hf")
     mapper.finish(("clip", "llama", "projector"))
     out = _finish_cs(out, cfg, expected, str(config_path))
     return _write_cs(out, model_section, Path(out_dir), tgt_fmt)
@@ -1713,12 +1759,13 @@ def cmd_diff(args) -> int:
     return 0 if same else 1
 
 
-VISION_TOWER_HELP = ("hf output: the value of mm_vision_tower in text_model/config.json, written exactly as "
-                     "given: a path or a hub id such as openai/clip-vit-large-patch14-336 (the LLaVA repo then loads "
-                     "that CLIP, right only if the vision tower was frozen in training). Default: the absolute path "
-                     "of OUT/image_model, which stops working when the export is moved or copied to another "
-                     "machine: then set mm_vision_tower in text_model/config.json to the new image_model path, or "
-                     "convert again with --vision-tower NEW_PATH/image_model")
+VISION_TOWER_HELP = ("hf output: the mm_vision_tower of text_model/config.json, written exactly as given. The LLaVA "
+                     "repo accepts a path that exists where it runs (a relative one is taken from its working "
+                     "directory) or a hub id starting with openai/ or laion/, e.g. openai/clip-vit-large-patch14-336 "
+                     "(it then loads that CLIP instead of OUT/image_model: right when the vision tower stayed frozen "
+                     "in training). Default: the absolute path of OUT/image_model, which breaks when the export is "
+                     "moved or copied elsewhere: then set mm_vision_tower in text_model/config.json to the new "
+                     "image_model path, or convert again with --vision-tower NEW_PATH/image_model")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,16 +82,13 @@ def cs_ckpt(hf_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt,shard", [("st", "model-00002-of-00003.safetensors"),
-                                       ("bin", "pytorch_model-00002-of-00003.bin"),
-                                       ("legacy", "pytorch_model-00002-of-00003.bin")])
+                                       ("bin", "pytorch_model-00002-of-00003.bin")])
 def test_truncated_hf_shard_names_the_file_and_writes_nothing(hf_dirs, tmp_path, fmt, shard):
     src = tmp_path / "hf"
-    shutil.copytree(hf_dirs["bin" if fmt == "legacy" else fmt], src)
+    shutil.copytree(hf_dirs[fmt], src)
     path = src / "text_model" / shard
-    if fmt == "legacy":  # torch.save's pre-1.6 format: a bare pickle, read by another code path than the zip
-        torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
     truncate(path)
-    out = tmp_path / "new" / "cs"  # neither folder exists: both must be gone again
+    out = tmp_path / "new" / "cs"  # neither folder exists, and neither may be left behind
     result = convert("hf", "cs-2.2", src, "--output-dir", out)
     assert_failed_naming(result, str(path))
     assert not (tmp_path / "new").exists()
@@ -105,23 +102,36 @@ def test_truncated_llava_hf_shard_leaves_the_source_folder_as_it_was(tmp_path):
     truncate(shards[-1])
     before = files(src)
     result = convert("llava-hf", "cs-2.2", src)  # default --output-dir: the source folder itself
-    assert_failed_naming(result, shards[-1].name)
+    assert_failed_naming(result, str(shards[-1]))
     assert files(src) == before
 
 
-def test_truncated_cs_checkpoint_leaves_its_folder_as_it_was(cs_ckpt, tmp_path):
-    ckpt, config = tmp_path / "model_dir" / "checkpoint_100.mdl", tmp_path / "model_dir" / "params.yaml"
-    ckpt.parent.mkdir()
-    shutil.copy(cs_ckpt[0], ckpt)
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_truncated_cs_checkpoint_leaves_its_folder_as_it_was(cs_ckpt, tmp_path, legacy):
+    folder = tmp_path / "model_dir"
+    ckpt, config = folder / "checkpoint_100.mdl", folder / "params.yaml"
+    folder.mkdir()
+    # torch.save's pre-1.6 format is a bare pickle: no cheap completeness test, it fails inside torch.load
+    torch.save(torch.load(cs_ckpt[0], weights_only=True), ckpt, _use_new_zipfile_serialization=not legacy)
     shutil.copy(cs_ckpt[1], config)
-    (ckpt.parent / "text_model").mkdir()  # an earlier convert-config: configs, no weights
-    (ckpt.parent / "text_model" / "config.json").write_text("{}")
+    (folder / "text_model").mkdir()  # an earlier convert-config: configs, no weights
+    (folder / "text_model" / "config.json").write_text("{}")
     truncate(ckpt)
-    before = files(ckpt.parent)
+    before = files(folder)
     result = convert("cs-2.2", "hf", ckpt, "--config", config)  # default --output-dir: the checkpoint's folder
     assert_failed_naming(result, str(ckpt))
-    assert files(ckpt.parent) == before and sorted(p.name for p in ckpt.parent.iterdir()) == sorted(
-        ["checkpoint_100.mdl", "params.yaml", "text_model"])
+    assert files(folder) == before
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_100.mdl", "params.yaml", "text_model"]
+
+
+def test_diff_of_a_truncated_safetensors_file_names_it(hf_dirs, tmp_path):
+    """diff reads a file directly (no completeness test first): the safetensors reader's own error is caught."""
+    path = tmp_path / "model-00001-of-00003.safetensors"
+    shutil.copy(hf_dirs["st"] / "text_model" / path.name, path)
+    truncate(path)
+    result = cli("diff", path, hf_dirs["st"] / "text_model" / path.name)
+    assert_failed_naming(result, str(path))
+    assert "SafetensorError" in result.stderr
 
 
 def test_failure_after_shards_were_written_leaves_the_output_folder_as_it_was(cs_ckpt, tmp_path):
@@ -143,7 +153,7 @@ def test_failure_after_shards_were_written_leaves_the_output_folder_as_it_was(cs
 
 def test_default_vision_tower_is_the_absolute_path_of_the_written_image_model(cs_ckpt, tmp_path):
     out = tmp_path / "out"
-    (out / "notes.txt").parent.mkdir()
+    out.mkdir()
     (out / "notes.txt").write_text("kept")
     result = convert("cs-2.2", "hf", cs_ckpt[0], "--config", cs_ckpt[1], "--output-dir", out)
     assert result.returncode == 0, result.stderr
@@ -166,12 +176,11 @@ def test_given_vision_tower_is_written_verbatim_by_convert_and_convert_config(cs
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["image_model", "text_model"]
 
 
-@pytest.mark.parametrize("command,tgt", [("convert", "cs-2.2"), ("convert", "llava-hf"),
-                                         ("convert-config", "llava-hf")])
-def test_vision_tower_is_refused_where_the_target_has_no_such_field(cs_ckpt, tmp_path, command, tgt):
-    src_fmt, src = ("hf", cs_ckpt[0].parent) if tgt == "cs-2.2" else ("cs-2.2", cs_ckpt[0])
-    if command == "convert-config":
-        src = cs_ckpt[1]
+@pytest.mark.parametrize("command,src_fmt,tgt", [("convert", "hf", "cs-2.2"), ("convert", "cs-2.2", "llava-hf"),
+                                                 ("convert-config", "cs-2.2", "llava-hf")])
+def test_vision_tower_is_refused_where_the_target_has_no_such_field(hf_dirs, cs_ckpt, tmp_path, command, src_fmt,
+                                                                     tgt):
+    src = {"hf": hf_dirs["bin"], "cs-2.2": cs_ckpt[0] if command == "convert" else cs_ckpt[1]}[src_fmt]
     result = cli(command, "--model", "llava", "--src-fmt", src_fmt, "--tgt-fmt", tgt, "--output-dir",
                  tmp_path / "out", "--vision-tower", HUB_CLIP, src)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
