@@ -1606,7 +1606,9 @@ def _make_reader_classes():
                 entry = self._handles[k] = (f, f["data"], f["img_path"][:, 0])  # paths are small: keep them
             return entry
 
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        def read_sample(self, i: int) -> tuple[np.ndarray, torch.Tensor | None]:
+            """(row [4, MSL] int32, transformed image or None): None for a text-only row, and for an image
+            that could not be read under on_bad_image "text_only" (the row is then masked as text-only)."""
             n = len(self)
             if i < 0:
                 i += n
@@ -1623,9 +1625,20 @@ def _make_reader_classes():
             rel = paths[j]
             rel = rel.decode("utf-8") if isinstance(rel, bytes) else str(rel)
             if rel == "None":
+                return row, None
+            return row, self._load_image(rel, k, j, row)
+
+        def image_slots(self, row: np.ndarray) -> tuple[int, int]:
+            """(first position, count) of the image slots of an image row."""
+            start, npatch = self._image_start, self._num_patches
+            if start is None or npatch is None:  # no data_params: the slots are the first run of pad ids
+                start, npatch = _find_pad_run(row[0], row[2], npatch)
+            return int(start), int(npatch)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            row, image = self.read_sample(i)
+            if image is None:
                 image = torch.zeros(self.image_data_size, dtype=self.dtype)
-            else:
-                image = self._load_image(rel, k, j, row)
             return {
                 "image_data": image,
                 "text_input_ids": torch.from_numpy(row[0]),
@@ -1659,7 +1672,7 @@ def _make_reader_classes():
                           f"training it as text-only (further bad images in this process are only counted)",
                           file=sys.stderr)
                 self._mask_as_text_only(row)
-                return torch.zeros(self.image_data_size, dtype=self.dtype)
+                return None
             arr = self.transform(img)
             if tuple(arr.shape) != self.image_data_size:
                 raise ValueError(f"the transforms turn {path!r} into shape {tuple(arr.shape)} but image_data_size "
@@ -1668,9 +1681,8 @@ def _make_reader_classes():
 
         def _mask_as_text_only(self, row: np.ndarray) -> None:
             """Make an image row look like a text-only row: image slots (and phase 2's '▁') not attended."""
-            start, npatch, mstart = self._image_start, self._num_patches, self._mask_start
-            if start is None or npatch is None:  # no data_params: the slots are the first run of pad ids
-                start, npatch = _find_pad_run(row[0], row[2], npatch)
+            start, npatch = self.image_slots(row)
+            mstart = self._mask_start
             if mstart is None:
                 mstart = start - 1 if start > 1 else start  # phase 2 also masks the '▁' before the image
             row[3, mstart:start + npatch] = 1
@@ -1768,6 +1780,260 @@ def __getattr__(name: str):  # module attribute hook: builds the torch-based cla
             globals()["LlavaH5Dataset"], globals()["ResumableSampler"] = _READER_CLASSES
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reader: sequence packing (train_input.packing)
+# --------------------------------------------------------------------------------------------------------------
+# Several samples share one MSL row; the H5 files stay as they are. A packed row puts the NP image tokens of its
+# k-th image sample at row positions [k * NP, (k + 1) * NP) and every other attended token after the used image
+# blocks, sample after sample. Each token carries its position in its own sample (RoPE restarts at 0) and its
+# sample's segment id (1, 2, ...; 0 = padding), which the model turns into block-diagonal causal attention, so a
+# sample computes exactly what it computes alone. Unused image blocks hold text (or padding): the row has fixed
+# shapes (K image slots, MSL tokens), as the CSX path needs. A text-only sample drops its masked image slots and
+# keeps its positions, so it costs only its real tokens.
+
+PACK_INDEX_VERSION = 1
+PACK_INDEX_NAME = "pack_index.npz"  # next to the H5 files; under PACK_INDEX_CACHE when the folder is read-only
+PACK_INDEX_CACHE = Path.home() / ".cache" / "llava-pipeline" / "pack_index"
+PACK_WINDOW = 16  # open rows a sample may join (first fit over a window, in the epoch's sample order)
+
+
+def _pack_index_key(files: list[str]) -> str:
+    """What the index was computed from: every H5 file's name, size and mtime (any rewrite invalidates it)."""
+    entries = [[Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    return json.dumps({"version": PACK_INDEX_VERSION, "files": entries})
+
+
+def _row_lengths_of_file(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(attended tokens per row, row has an image) of one H5 file, read in slabs of whole chunks."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        data, n = f["data"], f["data"].shape[0]
+        tokens = np.empty(n, np.int32)
+        for a in range(0, n, 512):
+            tokens[a:a + 512] = (data[a:a + 512, 3, :] == 0).sum(axis=1)
+        paths = f["img_path"][:, 0]
+    has_image = np.array([p not in (b"None", "None") for p in paths], dtype=bool)
+    return tokens, has_image
+
+
+def _cached_index_path(folder: Path) -> list[Path]:
+    import hashlib
+
+    digest = hashlib.sha256(str(folder.resolve()).encode("utf-8")).hexdigest()[:16]
+    return [folder / PACK_INDEX_NAME, PACK_INDEX_CACHE / f"{digest}.npz"]
+
+
+def _load_pack_index(candidates: list[Path], key: str):
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    return z["tokens"], z["has_image"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or older layout: recomputed below
+    return None
+
+
+def _save_pack_index(candidates: list[Path], key: str, tokens: np.ndarray, has_image: np.ndarray) -> None:
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                np.savez(f, key=np.array(key), tokens=tokens, has_image=has_image)
+            os.replace(tmp, path)
+            return
+        except OSError:
+            continue  # read-only data folder: try the cache folder
+
+
+def pack_index(files: list[str], progress: bool = True, workers: int | None = None) -> tuple:
+    """(tokens, has_image) for every row of `files` in order, from the cached index when it is current.
+
+    Computed once per data folder (a pass over the key_padding_mask rows, in `workers` processes) and saved as
+    pack_index.npz beside the H5 files, or in ~/.cache/llava-pipeline/pack_index/ when that folder is read-only;
+    recomputed when any H5 file's name, size or mtime changes."""
+    by_folder: dict[Path, list[str]] = {}
+    for f in files:
+        by_folder.setdefault(Path(f).parent, []).append(f)
+    tokens, has_image = [], []
+    for folder, members in by_folder.items():
+        key = _pack_index_key(members)
+        candidates = _cached_index_path(folder)
+        found = _load_pack_index(candidates, key)
+        if found is None:
+            found = _compute_pack_index(members, progress, workers)
+            _save_pack_index(candidates, key, *found)
+        tokens.append(found[0])
+        has_image.append(found[1])
+    return np.concatenate(tokens), np.concatenate(has_image)
+
+
+def _compute_pack_index(files: list[str], progress: bool, workers: int | None) -> tuple:
+    from tqdm import tqdm
+
+    workers = workers or min(len(files), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                             else os.cpu_count() or 1)
+    bar = tqdm(total=len(files), unit="file", desc="packing index", disable=not progress)
+    try:
+        if workers <= 1:
+            parts = []
+            for f in files:
+                parts.append(_row_lengths_of_file(f))
+                bar.update(1)
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers) as pool:
+                parts = []
+                for part in pool.imap(_row_lengths_of_file, files):
+                    parts.append(part)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def plan_rows(order, tokens: np.ndarray, has_image: np.ndarray, msl: int, max_images: int,
+              window: int = PACK_WINDOW) -> list[tuple[int, ...]]:
+    """Rows of sample indices: each sample, in `order`, joins the first of the `window` most recently opened
+    rows with room for its tokens and (if it has one) its image; else it opens a row, closing the oldest when
+    `window` are open. Deterministic; every sample of `order` lands in exactly one row; no sample is split."""
+    rows: list[tuple[int, ...]] = []
+    open_rows: list[list] = []  # [free tokens, free image slots, members]
+    for i in order:
+        t, im = int(tokens[i]), int(has_image[i])
+        for row in open_rows:
+            if row[0] >= t and row[1] >= im:
+                row[0] -= t
+                row[1] -= im
+                row[2].append(int(i))
+                break
+        else:
+            if len(open_rows) == window:
+                rows.append(tuple(open_rows.pop(0)[2]))
+            open_rows.append([msl - t, max_images - im, [int(i)]])
+    rows.extend(tuple(r[2]) for r in open_rows)
+    return rows
+
+
+def pack_row(samples: list, msl: int, max_images: int, image_tokens: int, image_size: tuple, dtype,
+             slots_of) -> dict:
+    """One packed row from [(row [4, MSL] int32, image tensor or None), ...] (see the section comment).
+
+    slots_of(row) -> (first image slot, count) of an image row. Returns the row features (int32 [MSL]),
+    image_data [K, C, H, W], image_valid [K], num_samples (a 0-d tensor)."""
+    import torch
+
+    out = np.zeros((6, msl), np.int32)  # input_ids, loss_mask, labels, key_padding_mask, position_ids, segment_ids
+    out[3] = 1
+    images = torch.zeros((max_images, *image_size), dtype=dtype)
+    valid = np.zeros(max_images, np.int32)
+    n_images = sum(image is not None for _, image in samples)
+    if n_images > max_images:
+        raise ValueError(f"a packed row got {n_images} images for {max_images} slots")
+    block, cursor = 0, n_images * image_tokens
+    for seg, (row, image) in enumerate(samples, start=1):
+        attended = np.flatnonzero(row[3] == 0)
+        if image is not None:
+            start, count = slots_of(row)
+            if count != image_tokens:
+                raise ValueError(f"an image row has {count} image slots but the model makes {image_tokens} tokens")
+            slots = np.arange(start, start + count)
+            dst = slice(block * image_tokens, (block + 1) * image_tokens)
+            out[:4, dst], out[4, dst], out[5, dst] = row[:, slots], slots, seg
+            images[block], valid[block] = image, 1
+            block += 1
+            attended = attended[(attended < start) | (attended >= start + count)]
+        end = cursor + len(attended)
+        if end > msl:
+            raise ValueError(f"packed samples need {end} positions, the row has {msl}")
+        out[:4, cursor:end], out[4, cursor:end], out[5, cursor:end] = row[:, attended], attended, seg
+        cursor = end
+    out[3, :cursor] = 0
+    names = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "position_ids", "segment_ids")
+    features = {name: torch.from_numpy(out[i].copy()) for i, name in enumerate(names)}
+    return {"image_data": images, **features, "image_valid": torch.from_numpy(valid),
+            "num_samples": torch.tensor(len(samples), dtype=torch.int32)}
+
+
+class PackedDataset:
+    """Packed rows over a LlavaH5Dataset: dataset[(i, j, ...)] is the row holding samples i, j, ... (an empty
+    tuple is an all-padding row). Works in DataLoader worker processes like the dataset it wraps."""
+
+    def __init__(self, base, max_images: int, image_tokens: int):
+        if max_images < 1 or max_images * image_tokens > base.max_sequence_length:
+            raise ValueError(f"max_images_per_row {max_images} x {image_tokens} image tokens must be between "
+                             f"{image_tokens} and the row length {base.max_sequence_length}")
+        self.base, self.max_images, self.image_tokens = base, max_images, image_tokens
+        self.max_sequence_length = base.max_sequence_length
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, members: tuple) -> dict:
+        samples = [self.base.read_sample(int(i)) for i in members]
+        return pack_row(samples, self.max_sequence_length, self.max_images, self.image_tokens,
+                        self.base.image_data_size, self.base.dtype, self.base.image_slots)
+
+
+class PackedRowSampler:
+    """The global stream of packed rows, epoch after epoch: epoch e packs the samples in the order of a
+    torch.randperm seeded seed + e (0..n-1 without shuffle) with plan_rows. Rank r takes global rows r, r + W,
+    r + 2W, ... of the stream, so the plan does not depend on the number of processes or workers, no sample is
+    lost or repeated in an epoch, and start_row (global rows consumed) resumes exactly. A finite stream
+    (num_epochs) is padded with empty rows to a multiple of world_size, so every rank gets as many rows."""
+
+    def __init__(self, tokens: np.ndarray, has_image: np.ndarray, msl: int, max_images: int, shuffle: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, start_row: int = 0,
+                 num_epochs: int | None = None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} / world_size {world_size} invalid")
+        self.tokens, self.has_image, self.msl, self.max_images = tokens, has_image, msl, max_images
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.start_row, self.num_epochs = start_row, num_epochs
+        self._plans: dict[int, list] = {}
+
+    def epoch_rows(self, epoch: int) -> list[tuple[int, ...]]:
+        if epoch not in self._plans:
+            import torch
+
+            n = len(self.tokens)
+            if self.shuffle:
+                g = torch.Generator()
+                g.manual_seed(self.seed + epoch)
+                order = torch.randperm(n, generator=g).numpy()
+            else:
+                order = np.arange(n)
+            self._plans = {epoch: plan_rows(order, self.tokens, self.has_image, self.msl, self.max_images)}
+        return self._plans[epoch]
+
+    def _stream(self):
+        epoch = 0
+        while self.num_epochs is None or epoch < self.num_epochs:
+            yield from self.epoch_rows(epoch)
+            epoch += 1
+        if self.num_epochs is not None:
+            total = sum(len(self.epoch_rows(e)) for e in range(self.num_epochs))
+            yield from [()] * (-total % self.world_size)
+
+    def __iter__(self):
+        for g, row in enumerate(self._stream()):
+            if g >= self.start_row and g % self.world_size == self.rank:
+                yield row
+
+    def __len__(self) -> int:
+        if self.num_epochs is None:
+            raise TypeError("an infinite PackedRowSampler (num_epochs=None) has no length")
+        total = sum(len(self.epoch_rows(e)) for e in range(self.num_epochs))
+        total += -total % self.world_size
+        first = self.start_row + (self.rank - self.start_row) % self.world_size
+        return max(0, (total - first + self.world_size - 1) // self.world_size)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -365,6 +365,9 @@ def optimizer_param_groups(module: nn.Module, weight_decay: float) -> list:
 
 
 FEATURES = ("image_data", "text_input_ids", "loss_mask", "labels", "key_padding_mask")
+# Packed rows (train_input.packing) add these, int32: position and segment ids per token, which image slots
+# hold an image, and how many samples the row holds (create_hdf5_dataset.pack_row builds them).
+PACKED_FEATURES = ("position_ids", "segment_ids", "image_valid", "num_samples")
 
 
 class LlavaModel(nn.Module):
@@ -397,14 +400,26 @@ class LlavaModel(nn.Module):
         missing = [k for k in FEATURES if k not in batch]
         if missing:
             raise KeyError(f"batch is missing features {missing}; expected {list(FEATURES)}")
-        for k in FEATURES[1:]:
+        for k in FEATURES[1:] + (PACKED_FEATURES if "segment_ids" in batch else ()):
             if batch[k].dtype != torch.int32:
                 raise TypeError(f"batch[{k!r}] must be int32 (the H5 feature dtype), got {batch[k].dtype}")
+
+    def packed_args(self, batch: dict) -> Optional[dict]:
+        """The packing features for Llava.forward, or None for ordinary rows."""
+        if "segment_ids" not in batch:
+            return None
+        return {"position_ids": batch["position_ids"], "segment_ids": batch["segment_ids"],
+                "image_valid": batch["image_valid"], "skip_unused": self.sparse_logits}
+
+    @staticmethod
+    def num_samples(batch: dict) -> int | torch.Tensor:
+        """Samples in the batch: rows, or the samples packed into them."""
+        return batch["num_samples"].sum() if "num_samples" in batch else batch["loss_mask"].shape[0]
 
     def logits(self, batch: dict) -> torch.Tensor:
         """Full logits [B, S, V] (evaluation, parity tests)."""
         return self.model(batch["image_data"], batch["text_input_ids"], batch.get("key_padding_mask"),
-                          batch.get("image_start_idx"))
+                          batch.get("image_start_idx"), packed=self.packed_args(batch))
 
     def forward(self, batch: dict, output_logits: bool = False, loss_normalizer: Optional[float] = None):
         """Loss as Cerebras' GPTLMHeadModelLoss: CE at loss_mask positions, scaled by tokens or batch size.
@@ -416,18 +431,21 @@ class LlavaModel(nn.Module):
         loss_mask = batch["loss_mask"]
         labels = batch["labels"].long()
         key_padding_mask = batch["key_padding_mask"]
-        if self.sparse_logits and bool((key_padding_mask[:, 1:] >= key_padding_mask[:, :-1]).all()):
+        packed = self.packed_args(batch)
+        if packed is not None:
+            key_padding_mask = None  # the segment ids carry it
+        elif self.sparse_logits and bool((key_padding_mask[:, 1:] >= key_padding_mask[:, :-1]).all()):
             # Only right padding (every phase-1 row, most phase-2 rows): a real position never sees a later key,
             # so the causal mask alone gives the same outputs at real positions, and SDPA takes its fused path.
             key_padding_mask = None
         args = (batch["image_data"], batch["text_input_ids"], key_padding_mask, batch.get("image_start_idx"))
         if self.sparse_logits and not output_logits:
             positions = loss_mask.reshape(-1).nonzero().squeeze(-1)
-            logits = self.model(*args, output_positions=positions)
+            logits = self.model(*args, output_positions=positions, packed=packed)
             token_loss = F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, positions),
                                          reduction="sum")
         else:
-            logits = self.model(*args)
+            logits = self.model(*args, packed=packed)
             per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                         reduction="none")
             token_loss = (per_token * loss_mask.reshape(-1).to(per_token.dtype)).sum()
@@ -436,7 +454,7 @@ class LlavaModel(nn.Module):
         elif self.config.loss_scaling == "num_tokens":
             loss = token_loss / loss_mask.sum().clamp(min=1).to(token_loss.dtype)
         else:
-            loss = token_loss / loss_mask.shape[0] * self.config.loss_weight
+            loss = token_loss / self.num_samples(batch) * self.config.loss_weight
         loss = loss.to(logits.dtype)
         return (loss, logits) if output_logits else loss
 

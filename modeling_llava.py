@@ -115,8 +115,65 @@ def rotary_tables(seq_len: int, rotary_dim: int, theta: float, scaling: float, d
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rotary_for_positions(position_ids: torch.Tensor, rotary_dim: int, theta: float, scaling: float):
+    """cos/sin [B, 1, S, rotary_dim/2] for per-token positions [B, S] (packed rows: every sample from 0).
+
+    The same arithmetic as rotary_tables, so a token at position p gets bit-identical angles either way."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32)
+                                / rotary_dim))
+    angles = (position_ids.to(torch.float32) / scaling).unsqueeze(-1) * inv_freq
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def packed_attention_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask [B, 1, S, S] of packed rows: a token sees the tokens of its own sample (segment id > 0)
+    at positions up to its own, wherever they sit in the row. Padding (segment 0) sees only itself, so no row
+    of the mask is empty (NaN in SDPA); no real token sees padding."""
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    causal = position_ids[:, None, :] <= position_ids[:, :, None]
+    eye = torch.eye(segment_ids.shape[1], dtype=torch.bool, device=segment_ids.device)
+    return ((same & causal) | eye).unsqueeze(1)
+
+
+def packed_flex_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor):
+    """The same mask as a FlexAttention BlockMask (skips the blocks where no sample meets itself)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        seg_q, seg_k = segment_ids[b, q], segment_ids[b, k]
+        return ((seg_q == seg_k) & (seg_k > 0) & (position_ids[b, k] <= position_ids[b, q])) | (q == k)
+
+    b, s = segment_ids.shape
+    return create_block_mask(mask_mod, b, None, s, s, device=segment_ids.device)
+
+
+_COMPILED_FLEX = []
+
+
+def flex_attention(q, k, v, block_mask):
+    """torch.compile'd FlexAttention (compiled once per process; eager FlexAttention is a slow reference)."""
+    if not _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _COMPILED_FLEX.append(torch.compile(flex, dynamic=False) if q.is_cuda else flex)
+    return _COMPILED_FLEX[0](q, k, v, block_mask=block_mask)
+
+
+def flex_attention_available(device: torch.device) -> bool:
+    """FlexAttention for packed rows: CUDA and torch >= 2.10 (older releases lack parts of it we rely on)."""
+    if device.type != "cuda" or tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 10):
+        return False
+    try:
+        from torch.nn.attention import flex_attention as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of the first 2*cos.shape[-1] channels of x [B, heads, S, D]."""
+    """Rotate channel pairs (2i, 2i+1) of the first 2*cos.shape[-1] channels of x [B, heads, S, D].
+
+    cos/sin are [S, rotary_dim/2] (one table for every row) or [B, 1, S, rotary_dim/2] (per-token positions)."""
     rotary_dim = 2 * cos.shape[-1]
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     pairs = x_rot.unflatten(-1, (-1, 2))
@@ -158,8 +215,11 @@ class Attention(nn.Module):
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             dropout_p=self.dropout_rate if self.training else 0.0)
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a BlockMask: FlexAttention
+            out = flex_attention(q, k, v, attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 dropout_p=self.dropout_rate if self.training else 0.0)
         return self.proj_output_dense_layer(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -330,15 +390,25 @@ class LlamaLMModel(nn.Module):
         self.rotary_dim = rotary_dim or hidden_size // num_heads
         self.rope_theta = rope_theta
         self.pos_scaling_factor = pos_scaling_factor
+        self.attention_dropout_rate = attention_dropout_rate
+        # Packed rows: "auto" = FlexAttention where flex_attention_available, else SDPA with a dense mask;
+        # "sdpa" / "flex" force one (tests compare them).
+        self.packed_attention = "auto"
 
     def compute_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding_layer.word_embeddings(input_ids)
 
-    def decode(self, embeddings: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode(self, embeddings: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+               position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
         """Causal decoder over input embeddings [B, S, H]; returns final-norm hidden states.
 
-        key_padding_mask: [B, S], nonzero = that key position is never attended to."""
+        key_padding_mask: [B, S], nonzero = that key position is never attended to.
+        position_ids + segment_ids [B, S] (packed rows): each token's position in its own sample and the
+        sample's number in the row (0 = padding); attention stays inside a sample and causal in position."""
         b, s, _ = embeddings.shape
+        if segment_ids is not None:
+            return self._decode_packed(embeddings, position_ids, segment_ids)
         rotary = rotary_tables(s, self.rotary_dim, self.rope_theta, self.pos_scaling_factor, embeddings.device,
                                torch.float32)
         if key_padding_mask is None:
@@ -355,8 +425,27 @@ class LlamaLMModel(nn.Module):
         x = stack.run_layers(x, len(stack.layers), attn_mask=attn_mask, is_causal=is_causal, rotary=rotary)
         return self.ln_f(x)
 
-    def forward(self, input_ids: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.lm_head(self.decode(self.compute_input_embeddings(input_ids), key_padding_mask))
+    def _decode_packed(self, embeddings: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor
+                       ) -> torch.Tensor:
+        rotary = rotary_for_positions(position_ids, self.rotary_dim, self.rope_theta, self.pos_scaling_factor)
+        impl = self.packed_attention
+        if impl == "auto":
+            impl = "flex" if flex_attention_available(embeddings.device) and (
+                self.attention_dropout_rate == 0 or not self.training) else "sdpa"
+        if impl == "flex":
+            attn_mask = packed_flex_mask(segment_ids, position_ids)
+        else:
+            attn_mask = packed_attention_mask(segment_ids, position_ids)
+        x = self.embedding_dropout(embeddings)
+        stack = self.transformer_decoder
+        x = stack.run_layers(x, len(stack.layers), attn_mask=attn_mask, is_causal=False, rotary=rotary)
+        return self.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        embeddings = self.compute_input_embeddings(input_ids)
+        return self.lm_head(self.decode(embeddings, key_padding_mask, position_ids, segment_ids))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,18 +496,53 @@ class Llava(nn.Module):
         index = positions.unsqueeze(-1).expand(-1, -1, text_embeddings.shape[-1])
         return text_embeddings.scatter(1, index, image_features)
 
+    def packed_image_features(self, image_data: torch.Tensor, image_valid: torch.Tensor,
+                              skip_unused: bool) -> torch.Tensor:
+        """Features [B, K * NP, H_text] of the K image slots of packed rows (image_data [B, K, C, H, W]).
+
+        skip_unused (GPU/CPU) runs the ViT only on the slots that hold an image; fixed-shape backends run all
+        K (the unused ones are zero images whose features the merge discards)."""
+        b, k = image_valid.shape
+        flat = image_data.flatten(0, 1)
+        if not skip_unused:
+            return self.image_features(flat).reshape(b, k * self.num_image_tokens, -1)
+        used = image_valid.reshape(-1).bool()
+        hidden = self.text_model.embedding_layer.word_embeddings.embedding_dim
+        feats = flat.new_zeros(b * k, self.num_image_tokens, hidden)
+        if bool(used.any()):
+            chosen = self.image_features(flat[used])
+            feats = feats.to(chosen.dtype).index_put((used.nonzero().squeeze(-1),), chosen)
+        return feats.reshape(b, k * self.num_image_tokens, -1)
+
+    def merge_packed(self, text_embeddings: torch.Tensor, image_features: torch.Tensor,
+                     image_valid: torch.Tensor) -> torch.Tensor:
+        """Packed rows hold image k's NP tokens at row positions [k * NP, (k + 1) * NP) when slot k is used;
+        an unused slot's positions hold text. A static slice and a select: no data-dependent shapes."""
+        n = image_features.shape[1]
+        used = image_valid.bool().repeat_interleave(self.num_image_tokens, dim=1).unsqueeze(-1)
+        head = torch.where(used, image_features.to(text_embeddings.dtype), text_embeddings[:, :n])
+        return torch.cat((head, text_embeddings[:, n:]), dim=1)
+
     def hidden_states(self, image_data: torch.Tensor, text_input_ids: torch.Tensor,
                       key_padding_mask: Optional[torch.Tensor] = None,
-                      image_start_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      image_start_idx: Optional[torch.Tensor] = None, packed: Optional[dict] = None
+                      ) -> torch.Tensor:
         text = self.text_model.compute_input_embeddings(text_input_ids)
+        if packed is not None:
+            feats = self.packed_image_features(image_data, packed["image_valid"], packed.get("skip_unused", False))
+            merged = self.merge_packed(text, feats, packed["image_valid"])
+            return self.text_model.decode(merged, None, packed["position_ids"], packed["segment_ids"])
         merged = self.merge(text, self.image_features(image_data), image_start_idx)
         return self.text_model.decode(merged, key_padding_mask)
 
     def forward(self, image_data: torch.Tensor, text_input_ids: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, image_start_idx: Optional[torch.Tensor] = None,
-                output_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits [B, S, V], or [N, V] at `output_positions` (flat indices into B*S) when given."""
-        h = self.hidden_states(image_data, text_input_ids, key_padding_mask, image_start_idx)
+                output_positions: Optional[torch.Tensor] = None, packed: Optional[dict] = None) -> torch.Tensor:
+        """Logits [B, S, V], or [N, V] at `output_positions` (flat indices into B*S) when given.
+
+        packed: {position_ids, segment_ids [B, S], image_valid [B, K], skip_unused} for packed rows, whose
+        image_data is [B, K, C, H, W] (see merge_packed)."""
+        h = self.hidden_states(image_data, text_input_ids, key_padding_mask, image_start_idx, packed)
         if output_positions is not None:
             h = h.reshape(-1, h.shape[-1]).index_select(0, output_positions)
         return self.text_model.lm_head(h)

@@ -59,6 +59,8 @@ class InputConfig:
     prefetch_factor: Optional[int] = None  # batches prefetched per worker
     persistent_workers: bool = True  # keep workers between epochs (only with num_workers > 0)
     on_bad_image: str = "error"  # "error" or "text_only" (count and mask a missing/corrupt image)
+    packing: bool = False  # several samples per MSL row (batch_size then counts rows); off = Cerebras' rows
+    max_images_per_row: Optional[int] = None  # packing: image slots per row (default MSL // image tokens)
 
     IGNORED = ("data_processor", "bos_token_id", "pad_token_id", "use_worker_cache", "noaugment", "sort_files",
                "vocab_size", "patch_size", "prepend_cls_token", "num_patches")
@@ -166,6 +168,10 @@ def parse_sections(params: dict):
             raise M.ConfigError(f"{name}.fp16_type: {out[name].fp16_type!r}; use bfloat16, cbfloat16 or float16")
         if name in out and out[name].on_bad_image not in ("error", "text_only"):
             raise M.ConfigError(f"{name}.on_bad_image: {out[name].on_bad_image!r}; use 'error' or 'text_only'")
+        images = out[name].max_images_per_row if name in out else None
+        if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
+            raise M.ConfigError(f"{name}.max_images_per_row: {images!r}; use a whole number >= 1 (or leave it "
+                                "out for as many as fit: MSL // image tokens)")
     rc = out["runconfig"]
     if rc.keep_checkpoints is not None:
         rc.max_checkpoints = rc.keep_checkpoints
@@ -390,7 +396,39 @@ def make_loader(dataset, batch_size: int, sampler, cfg: InputConfig, drop_last: 
         persistent_workers=cfg.persistent_workers and workers > 0, pin_memory=torch.cuda.is_available())
 
 
-SEQ_FEATURES = ("text_input_ids", "loss_mask", "labels", "key_padding_mask")
+SEQ_FEATURES = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "position_ids", "segment_ids")
+
+
+def make_sampler(dataset, cfg: InputConfig, image_tokens: int, rt, start: int, num_epochs: Optional[int],
+                 progress: bool = True) -> tuple:
+    """(dataset, sampler) for the loader: samples in ResumableSampler order, or packed rows (train_input.packing)
+    in PackedRowSampler order. `start` counts the global items already consumed: samples, or packed rows."""
+    import create_hdf5_dataset as hd
+
+    if not cfg.packing:
+        return dataset, hd.ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.shuffle_seed, rank=rt.rank,
+                                            world_size=rt.world_size, start_sample=start, num_epochs=num_epochs)
+    images = cfg.max_images_per_row or dataset.max_sequence_length // image_tokens
+    if images * image_tokens > dataset.max_sequence_length:
+        raise SystemExit(f"max_images_per_row {images} x {image_tokens} image tokens > the data's MSL "
+                         f"{dataset.max_sequence_length}; lower max_images_per_row")
+    if rt.is_main:  # one process computes the cached length index, the others read it
+        hd.pack_index(dataset.files, progress=progress)
+    rt.barrier()
+    tokens, has_image = hd.pack_index(dataset.files, progress=False)
+    sampler = hd.PackedRowSampler(tokens, has_image, dataset.max_sequence_length, images, shuffle=cfg.shuffle,
+                                  seed=cfg.shuffle_seed, rank=rt.rank, world_size=rt.world_size, start_row=start,
+                                  num_epochs=num_epochs)
+    return hd.PackedDataset(dataset, images, image_tokens), sampler
+
+
+def min_trim_length(dataset, llava) -> int:
+    """Batches are never trimmed below the image slots (packed rows: all K image blocks, fixed positions)."""
+    import create_hdf5_dataset as hd
+
+    if isinstance(dataset, hd.PackedDataset):
+        return dataset.max_images * dataset.image_tokens
+    return llava.config.image_start_idx + llava.model.num_image_tokens + 1
 
 
 def trim_batch(batch: dict, min_len: int, multiple: int = 8) -> dict:
@@ -484,14 +522,30 @@ def load_model_weights(module, state: dict, strict: bool, path) -> None:
 
 
 def dataloader_position(ckpt: dict, cfg: InputConfig, ckpt_path, default: int) -> int:
-    """Global samples already consumed, from a checkpoint's dataloader state; its order seed must match."""
+    """Global items already consumed (samples, or packed rows), from a checkpoint's dataloader state; its order
+    seed and packing must match this run's."""
     if "dataloader" not in ckpt:
         return default
     state = ckpt["dataloader"]
     if int(state.get("seed", cfg.shuffle_seed)) != cfg.shuffle_seed:
         raise SystemExit(f"{ckpt_path} was trained with train_input.shuffle_seed {state['seed']}, the config says "
                          f"{cfg.shuffle_seed}: use the same seed to resume, or load_checkpoint_states: model")
-    return int(state["samples_streamed"])
+    position = int(state["samples_streamed"])
+    if position and bool(state.get("packing", False)) != cfg.packing:
+        was = "with" if state.get("packing") else "without"
+        raise SystemExit(f"{ckpt_path} was trained {was} train_input.packing; its data position does not carry "
+                         f"over: resume with packing: {str(bool(state.get('packing'))).lower()}, or start a new "
+                         "run from its weights with load_checkpoint_states: model")
+    return position
+
+
+def dataloader_state(samples_streamed: int, seed: int, cfg: InputConfig) -> dict:
+    """A checkpoint's dataloader entry (ModelZoo's keys). With packing, samples_streamed counts packed rows, the
+    dataloader's items, as batch_size does."""
+    state = {"samples_streamed": samples_streamed, "seed": seed}
+    if cfg.packing:
+        state["packing"] = True
+    return state
 
 
 def states_to_load(spec: Optional[str]) -> Optional[set]:
@@ -903,11 +957,11 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
         global_step = int(ckpt["global_step"])
     samples_streamed = dataloader_position(ckpt, cfg, ckpt_path, samples_streamed)
 
-    sampler = hd.ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.shuffle_seed, rank=rt.rank,
-                                  world_size=rt.world_size, start_sample=samples_streamed)
+    dataset, sampler = make_sampler(dataset, cfg, llava.model.num_image_tokens, rt, samples_streamed, None,
+                                    not args.no_progress)
     loader = make_loader(dataset, micro, sampler, cfg, drop_last=True)
     batches = iter(loader)
-    min_len = model_cfg.image_start_idx + llava.model.num_image_tokens + 1
+    min_len = min_trim_length(dataset, llava)
 
     logger = Logger(model_dir, "train", rt.is_main)
     if rt.is_main:
@@ -921,9 +975,9 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
     while global_step < rc.max_steps:
         micro_batches = [next(batches) for _ in range(accum)]
-        loss_value, grad_norm, real_tokens = train_step(rt, wrapped, optimizer, micro_batches, model_cfg,
-                                                        cfg.batch_size, opt_cfg.max_gradient_norm,
-                                                        min_len if rc.trim_batches else None)
+        loss_value, grad_norm, real_tokens, samples = train_step(rt, wrapped, optimizer, micro_batches, model_cfg,
+                                                                 opt_cfg.max_gradient_norm,
+                                                                 min_len if rc.trim_batches else None)
         if rc.check_loss_values and not math.isfinite(loss_value):
             raise NonFiniteLoss(f"Loss is {loss_value} at step {global_step + 1}; the last good checkpoint is "
                                 f"{last_ckpt or 'none (no checkpoint written yet)'}. Lower the learning rate or "
@@ -931,8 +985,8 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         global_step += 1
-        samples_streamed += cfg.batch_size
-        window_samples += cfg.batch_size
+        samples_streamed += cfg.batch_size  # rows of the stream (samples, or packed rows)
+        window_samples += samples
         window_tokens += real_tokens
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -947,8 +1001,9 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
             window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
 
         if (rc.checkpoint_steps and global_step % rc.checkpoint_steps == 0) or global_step == rc.max_steps:
-            last_ckpt = write_checkpoint(model_dir, wrapped, optimizer, scheduler, global_step, samples_streamed,
-                                         cfg.shuffle_seed, args.params_dict, rc, rt)
+            last_ckpt = write_checkpoint(model_dir, wrapped, optimizer, scheduler, global_step,
+                                         dataloader_state(samples_streamed, cfg.shuffle_seed, cfg), args.params_dict,
+                                         rc, rt)
         if (args.mode == "train_and_eval" and rc.eval_frequency and global_step % rc.eval_frequency == 0
                 and global_step != rc.max_steps):
             results = evaluate(rt, rc, sections["eval_input"], model_cfg, llava, wrapped, global_step, model_dir)
@@ -962,17 +1017,21 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
     return results
 
 
-def train_step(rt: Runtime, wrapped, optimizer, micro_batches: list, model_cfg, global_batch: int,
+def train_step(rt: Runtime, wrapped, optimizer, micro_batches: list, model_cfg,
                max_gradient_norm: Optional[float], trim_to: Optional[int]) -> tuple:
-    """One optimizer step over this rank's micro-batches: (global loss, grad norm, real tokens in the step).
+    """One optimizer step over this rank's micro-batches: (global loss, grad norm, real tokens, samples).
 
-    The loss is normalised over the whole global batch (loss tokens summed over micro-batches and ranks), so DDP
-    and gradient accumulation give exactly the gradient of one big batch. A non-finite loss skips the update."""
+    The loss is normalised over the whole global batch (loss tokens, or samples: packed rows count the samples
+    they hold, summed over micro-batches and ranks), so DDP, gradient accumulation and packing give exactly the
+    gradient of one big batch of the same samples. A non-finite loss skips the update."""
+    import model as M
+
     local_tokens = float(sum(int(b["loss_mask"].sum()) for b in micro_batches))
     local_real = float(sum(int((b["key_padding_mask"] == 0).sum()) for b in micro_batches))
-    total_tokens, real_tokens = rt.all_reduce([local_tokens, local_real])
+    local_samples = float(sum(int(M.LlavaModel.num_samples(b)) for b in micro_batches))
+    total_tokens, real_tokens, samples = rt.all_reduce([local_tokens, local_real, local_samples])
     normalizer = (max(total_tokens, 1.0) if model_cfg.loss_scaling == "num_tokens"
-                  else float(global_batch) / model_cfg.loss_weight)
+                  else max(samples, 1.0) / model_cfg.loss_weight)
     loss_sum = 0.0
     for i, batch in enumerate(micro_batches):
         if trim_to is not None:
@@ -988,7 +1047,7 @@ def train_step(rt: Runtime, wrapped, optimizer, micro_batches: list, model_cfg, 
     loss_value = rt.all_reduce([loss_sum])[0]
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
-        return loss_value, float("nan"), real_tokens
+        return loss_value, float("nan"), real_tokens, samples
     if rt.scaler:
         rt.scaler.unscale_(optimizer)
     grad_norm = grad_norm_and_clip(wrapped, max_gradient_norm)
@@ -998,7 +1057,7 @@ def train_step(rt: Runtime, wrapped, optimizer, micro_batches: list, model_cfg, 
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, grad_norm, real_tokens
+    return loss_value, grad_norm, real_tokens, samples
 
 
 def _null():
@@ -1007,14 +1066,14 @@ def _null():
     return contextlib.nullcontext()
 
 
-def write_checkpoint(model_dir, wrapped, optimizer, scheduler, step, samples_streamed, seed, params, rc, rt):
+def write_checkpoint(model_dir, wrapped, optimizer, scheduler, step, dataloader: dict, params, rc, rt):
     model_state, opt_state = full_state(wrapped, optimizer, rc, rt)
     opt_state = with_cstorch_beta_powers(opt_state)
     path = model_dir / f"checkpoint_{step}.mdl"
     if rt.is_main:
         state = {
             "model": model_state, "optimizer": opt_state, "lr_scheduler": scheduler.state_dict(),
-            "global_step": step, "dataloader": {"samples_streamed": samples_streamed, "seed": seed},
+            "global_step": step, "dataloader": dataloader,
             "__metadata__": checkpoint_metadata(params, "run.py", CS_CHECKPOINT_VERSION),
         }
         save_checkpoint(path, state)
@@ -1025,6 +1084,20 @@ def write_checkpoint(model_dir, wrapped, optimizer, scheduler, step, samples_str
         log.info("Saved checkpoint %s", path)
     rt.barrier()
     return path
+
+
+def answer_starts(batch: dict, mask):
+    """The first loss position of every answer span (mask goes 0 -> 1 along the sample). Packed rows are read in
+    each sample's own order (segment, then position), so the spans are the ones the samples have unpacked."""
+    import torch
+
+    if "segment_ids" not in batch:
+        return mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+    seg = batch["segment_ids"].long()
+    order = (seg * mask.shape[1] + batch["position_ids"].long()).argsort(dim=1)
+    m, s = mask.gather(1, order), seg.gather(1, order)
+    prev = torch.nn.functional.pad(m[:, :-1], (1, 0), value=False) & (s == torch.nn.functional.pad(s[:, :-1], (1, 0)))
+    return torch.zeros_like(mask).scatter(1, order, m & ~prev)
 
 
 def evaluate(rt: Runtime, rc: RunConfig, cfg: Optional[InputConfig], model_cfg, llava, wrapped, step, model_dir):
@@ -1038,11 +1111,10 @@ def evaluate(rt: Runtime, rc: RunConfig, cfg: Optional[InputConfig], model_cfg, 
     image_dtype = half_dtype(cfg.fp16_type) if rt.autocast_dtype is not None else torch.float32
     dataset = make_dataset(cfg, model_cfg, image_dtype)
     check_data_against_model(dataset, model_cfg, cfg.data_dir)
-    sampler = hd.ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.shuffle_seed, rank=rt.rank,
-                                  world_size=rt.world_size, num_epochs=1)
+    dataset, sampler = make_sampler(dataset, cfg, llava.model.num_image_tokens, rt, 0, 1, False)
     batch_size = max(1, (cfg.micro_batch_size or cfg.batch_size // rt.world_size))
     loader = make_loader(dataset, batch_size, sampler, cfg, drop_last=False)
-    min_len = model_cfg.image_start_idx + llava.model.num_image_tokens + 1
+    min_len = min_trim_length(dataset, llava)
     was_training = wrapped.training
     wrapped.eval()
     sums = {"loss": 0.0, "tokens": 0.0, "correct": 0.0, "first_correct": 0.0, "first_total": 0.0}
@@ -1062,9 +1134,7 @@ def evaluate(rt: Runtime, rc: RunConfig, cfg: Optional[InputConfig], model_cfg, 
             sums["tokens"] += float(mask.sum())
             pred = logits.argmax(-1)
             sums["correct"] += float(((pred == labels) & mask).sum())
-            # first position of every answer span: mask goes 0 -> 1
-            prev = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
-            first = mask & ~prev
+            first = answer_starts(batch, mask)
             sums["first_correct"] += float(((pred == labels) & first).sum())
             sums["first_total"] += float(first.sum())
             for tok in labels[first].tolist():
