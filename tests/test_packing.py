@@ -206,3 +206,87 @@ def test_finite_stream_pads_ranks_to_equal_length_with_empty_rows():
     assert sorted(i for p in parts for r in p for i in r) == list(range(50))
     assert len(hd.PackedRowSampler(tokens, has_image, 2048, 3, shuffle=False, rank=1, world_size=3,
                                    num_epochs=1)) == len(parts[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# run.py with packing (CPU, the tiny configs and data of test_run.py)
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import run  # noqa: E402
+from test_run import PHASE1, PHASE2, cli, data, losses, torchrun, weights  # noqa: E402, F401
+
+PACKED = {"train_input.packing": True, "eval_input.packing": True}
+
+
+def eval_metrics(model_dir):
+    return json.loads((model_dir / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("phase,params", [(1, PHASE1), (2, PHASE2)])
+def test_packed_eval_gives_the_unpacked_metrics(data, tmp_path, phase, params):
+    run.main(cli("CPU", "train", params, tmp_path, data, phase, steps=2, **PACKED))
+    ckpt = weights(tmp_path / "checkpoint_2.mdl")
+    assert ckpt["dataloader"] == {"samples_streamed": 16, "seed": 1234, "packing": True}
+    assert (data[(phase, "train")] / hd.PACK_INDEX_NAME).is_file()
+    results = {}
+    for packing in (False, True):
+        out = tmp_path / f"eval_{packing}"
+        run.main(cli("CPU", "eval", params, out, data, phase, "--checkpoint_path", str(tmp_path / "checkpoint_2.mdl"),
+                     **{"eval_input.packing": packing}))
+        results[packing] = eval_metrics(out)
+    for key in ("loss", "accuracy", "first_answer_token_accuracy", "majority_first_answer_baseline"):
+        assert results[True][key] == pytest.approx(results[False][key], rel=1e-5, abs=1e-6), key
+
+
+def test_packed_training_accumulation_and_activation_checkpointing_match(data, tmp_path):
+    run.main(cli("CPU", "train", PHASE2, tmp_path / "big", data, 2, steps=2, **PACKED))
+    run.main(cli("CPU", "train", PHASE2, tmp_path / "acc", data, 2, steps=2,
+                 **PACKED, **{"train_input.micro_batch_size": 2}))
+    run.main(cli("CPU", "train", PHASE2, tmp_path / "ac", data, 2, steps=2,
+                 **PACKED, **{"runconfig.activation_checkpointing": True}))
+    a, b, c = losses(tmp_path / "big"), losses(tmp_path / "acc"), losses(tmp_path / "ac")
+    assert all(a[s] == pytest.approx(b[s], abs=1e-5) and a[s] == pytest.approx(c[s], abs=1e-5) for s in a)
+    metrics = [json.loads(x) for x in (tmp_path / "big" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["samples_per_sec"] > 0 and m["tokens_per_sec"] > m["samples_per_sec"] for m in metrics)
+
+
+def test_packed_ddp_two_processes_match_one_process(data, tmp_path):
+    run.main(cli("CPU", "train", PHASE2, tmp_path / "one", data, 2, steps=2, **PACKED))
+    result = torchrun(2, cli("CPU", "train", PHASE2, tmp_path / "two", data, 2, steps=2, **PACKED))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a.keys() == b.keys() and all(a[s] == pytest.approx(b[s], abs=1e-5) for s in a)
+
+
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6),
+                    reason="FSDP2 on CPU processes (gloo) needs torch >= 2.6; torch 2.4's FSDP is CUDA-only")
+def test_packed_fsdp_two_processes_match_one_process(data, tmp_path):
+    run.main(cli("CPU", "train", PHASE2, tmp_path / "one", data, 2, steps=2, **PACKED))
+    result = torchrun(2, cli("CPU", "train", PHASE2, tmp_path / "fsdp", data, 2, steps=2, **PACKED,
+                             **{"runconfig.distributed_strategy": "fsdp"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in a)
+
+
+def test_packing_with_text_only_fallback_for_bad_images(data, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(data["images"], images)
+    for png in sorted(images.rglob("*.png"))[::4]:
+        png.write_bytes(b"not an image")
+    opts = {"train_input.img_data_dir": images, "eval_input.img_data_dir": images, "train_input.on_bad_image":
+            "text_only", "eval_input.on_bad_image": "text_only", "runconfig.eval_frequency": 1}
+    run.main(cli("CPU", "train_and_eval", PHASE2, tmp_path / "m", data, 2, steps=2, **PACKED, **opts))
+    assert all(np.isfinite(v) for v in losses(tmp_path / "m").values())
+    packed = eval_metrics(tmp_path / "m")
+    run.main(cli("CPU", "eval", PHASE2, tmp_path / "plain", data, 2, "--checkpoint_path",
+                 str(tmp_path / "m" / "checkpoint_2.mdl"), **opts))
+    assert packed["loss"] == pytest.approx(eval_metrics(tmp_path / "plain")["loss"], rel=1e-5)
+
+
+def test_resuming_a_packed_run_without_packing_is_refused(data, tmp_path):
+    run.main(cli("CPU", "train", PHASE2, tmp_path, data, 2, steps=1, **PACKED))
+    with pytest.raises(SystemExit, match=r"trained with train_input.packing.*packing: true"):
+        run.main(cli("CPU", "train", PHASE2, tmp_path, data, 2, steps=2))

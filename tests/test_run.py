@@ -116,16 +116,19 @@ def test_gradient_accumulation_equals_one_big_batch(data, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_resume_after_sigkill_is_exact(data, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_after_sigkill_is_exact(data, tmp_path, packing):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     base = [sys.executable, str(ROOT / "run.py")]
+    pack = {"train_input.packing": packing}
     straight = tmp_path / "straight"
     subprocess.run(base + cli("CPU", "train", PHASE2, straight, data, 2, steps=6,
-                              **{"runconfig.checkpoint_steps": 2}), check=True, env=env, capture_output=True)
+                              **{"runconfig.checkpoint_steps": 2}, **pack), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
     # a long run, killed with SIGKILL once checkpoint_2 exists, then resumed from it up to step 6
     proc = subprocess.Popen(base + cli("CPU", "train", PHASE2, killed, data, 2, steps=10000,
-                                       **{"runconfig.checkpoint_steps": 2, "runconfig.max_checkpoints": 100}),
+                                       **{"runconfig.checkpoint_steps": 2, "runconfig.max_checkpoints": 100},
+                                       **pack),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoint_2.mdl").exists() and time.time() < deadline and proc.poll() is None:
@@ -135,7 +138,7 @@ def test_resume_after_sigkill_is_exact(data, tmp_path):
     assert (killed / "checkpoint_2.mdl").exists()
     assert not list(killed.glob("*.tmp"))
     subprocess.run(base + cli("CPU", "train", PHASE2, killed, data, 2, "--checkpoint_path",
-                              str(killed / "checkpoint_2.mdl"), steps=6, **{"runconfig.checkpoint_steps": 2}),
+                              str(killed / "checkpoint_2.mdl"), steps=6, **{"runconfig.checkpoint_steps": 2}, **pack),
                    check=True, env=env, capture_output=True)
     a, b = weights(straight / "checkpoint_6.mdl"), weights(killed / "checkpoint_6.mdl")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
