@@ -1927,10 +1927,12 @@ def pack_row(samples: list, msl: int, max_images: int, image_tokens: int, image_
     """One packed row from [(row [4, MSL] int32, image tensor or None), ...] (see the section comment).
 
     slots_of(row) -> (first image slot, count) of an image row. Returns the row features (int32 [MSL]),
-    image_data [K, C, H, W], image_valid [K], num_samples (a 0-d tensor)."""
+    image_data [K, C, H, W], image_valid [K], num_samples (a 0-d tensor). answer_start marks the first loss
+    position of every answer span in the sample's own order (evaluation's first-answer-token accuracy)."""
     import torch
 
-    out = np.zeros((6, msl), np.int32)  # input_ids, loss_mask, labels, key_padding_mask, position_ids, segment_ids
+    # input_ids, loss_mask, labels, key_padding_mask (as the H5 row), position_ids, segment_ids, answer_start
+    out = np.zeros((7, msl), np.int32)
     out[3] = 1
     images = torch.zeros((max_images, *image_size), dtype=dtype)
     valid = np.zeros(max_images, np.int32)
@@ -1939,6 +1941,7 @@ def pack_row(samples: list, msl: int, max_images: int, image_tokens: int, image_
         raise ValueError(f"a packed row got {n_images} images for {max_images} slots")
     block, cursor = 0, n_images * image_tokens
     for seg, (row, image) in enumerate(samples, start=1):
+        row = np.concatenate([row, (row[1] > 0)[None] & ~np.pad(row[1, :-1] > 0, (1, 0))[None]]).astype(np.int32)
         attended = np.flatnonzero(row[3] == 0)
         if image is not None:
             start, count = slots_of(row)
@@ -1946,17 +1949,18 @@ def pack_row(samples: list, msl: int, max_images: int, image_tokens: int, image_
                 raise ValueError(f"an image row has {count} image slots but the model makes {image_tokens} tokens")
             slots = np.arange(start, start + count)
             dst = slice(block * image_tokens, (block + 1) * image_tokens)
-            out[:4, dst], out[4, dst], out[5, dst] = row[:, slots], slots, seg
+            out[[0, 1, 2, 3, 6], dst], out[4, dst], out[5, dst] = row[:, slots], slots, seg
             images[block], valid[block] = image, 1
             block += 1
             attended = attended[(attended < start) | (attended >= start + count)]
         end = cursor + len(attended)
         if end > msl:
             raise ValueError(f"packed samples need {end} positions, the row has {msl}")
-        out[:4, cursor:end], out[4, cursor:end], out[5, cursor:end] = row[:, attended], attended, seg
+        out[[0, 1, 2, 3, 6], cursor:end], out[4, cursor:end], out[5, cursor:end] = row[:, attended], attended, seg
         cursor = end
     out[3, :cursor] = 0
-    names = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "position_ids", "segment_ids")
+    names = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "position_ids", "segment_ids",
+             "answer_start")
     features = {name: torch.from_numpy(out[i].copy()) for i, name in enumerate(names)}
     return {"image_data": images, **features, "image_valid": torch.from_numpy(valid),
             "num_samples": torch.tensor(len(samples), dtype=torch.int32)}

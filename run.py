@@ -366,9 +366,7 @@ def check_data_against_model(dataset, model_cfg, where: str) -> None:
     if start is not None and int(start) != model_cfg.image_start_idx:
         errors.append(f"model.image_start_idx is {model_cfg.image_start_idx} but the data in {where} places the "
                       f"image at {start} (data_params.json image_patch_start_idx): set model.image_start_idx: {start}")
-    im = model_cfg.image_model
-    tokens = (im.image_size[0] // im.patch_size[0]) * (im.image_size[1] // im.patch_size[1])
-    tokens += model_cfg.image_feature_select_mode == "cls_patch"
+    tokens = image_tokens_of(model_cfg)
     num_patches = (dp.get("dataset") or {}).get("num_patches", dp.get("num_patches", patch_info.get("num_patches")))
     if num_patches is not None and int(num_patches) != tokens:
         errors.append(f"the data in {where} has {num_patches} image slots per sample but the model produces {tokens} "
@@ -396,30 +394,45 @@ def make_loader(dataset, batch_size: int, sampler, cfg: InputConfig, drop_last: 
         persistent_workers=cfg.persistent_workers and workers > 0, pin_memory=torch.cuda.is_available())
 
 
-SEQ_FEATURES = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "position_ids", "segment_ids")
+SEQ_FEATURES = ("text_input_ids", "loss_mask", "labels", "key_padding_mask", "position_ids", "segment_ids",
+                "answer_start")
 
 
-def make_sampler(dataset, cfg: InputConfig, image_tokens: int, rt, start: int, num_epochs: Optional[int],
-                 progress: bool = True) -> tuple:
+def image_tokens_of(model_cfg) -> int:
+    """Image tokens the model writes per image: (image_size / patch_size)^2, plus CLS in cls_patch mode."""
+    im = model_cfg.image_model
+    tokens = (im.image_size[0] // im.patch_size[0]) * (im.image_size[1] // im.patch_size[1])
+    return tokens + (model_cfg.image_feature_select_mode == "cls_patch")
+
+
+def make_sampler(dataset, cfg: InputConfig, model_cfg, rank: int, world_size: int, start: int,
+                 num_epochs: Optional[int]) -> tuple:
     """(dataset, sampler) for the loader: samples in ResumableSampler order, or packed rows (train_input.packing)
     in PackedRowSampler order. `start` counts the global items already consumed: samples, or packed rows."""
     import create_hdf5_dataset as hd
 
     if not cfg.packing:
-        return dataset, hd.ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.shuffle_seed, rank=rt.rank,
-                                            world_size=rt.world_size, start_sample=start, num_epochs=num_epochs)
+        return dataset, hd.ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.shuffle_seed, rank=rank,
+                                            world_size=world_size, start_sample=start, num_epochs=num_epochs)
+    image_tokens = image_tokens_of(model_cfg)
     images = cfg.max_images_per_row or dataset.max_sequence_length // image_tokens
     if images * image_tokens > dataset.max_sequence_length:
         raise SystemExit(f"max_images_per_row {images} x {image_tokens} image tokens > the data's MSL "
                          f"{dataset.max_sequence_length}; lower max_images_per_row")
-    if rt.is_main:  # one process computes the cached length index, the others read it
-        hd.pack_index(dataset.files, progress=progress)
-    rt.barrier()
     tokens, has_image = hd.pack_index(dataset.files, progress=False)
     sampler = hd.PackedRowSampler(tokens, has_image, dataset.max_sequence_length, images, shuffle=cfg.shuffle,
-                                  seed=cfg.shuffle_seed, rank=rt.rank, world_size=rt.world_size, start_row=start,
+                                  seed=cfg.shuffle_seed, rank=rank, world_size=world_size, start_row=start,
                                   num_epochs=num_epochs)
     return hd.PackedDataset(dataset, images, image_tokens), sampler
+
+
+def prepare_pack_index(dataset, cfg: InputConfig, rt, progress: bool) -> None:
+    """Packing: the main process computes (or validates) the cached row-length index, the others then read it."""
+    import create_hdf5_dataset as hd
+
+    if cfg.packing and rt.is_main:
+        hd.pack_index(dataset.files, progress=progress)
+    rt.barrier()
 
 
 def min_trim_length(dataset, llava) -> int:
@@ -957,8 +970,8 @@ def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped,
         global_step = int(ckpt["global_step"])
     samples_streamed = dataloader_position(ckpt, cfg, ckpt_path, samples_streamed)
 
-    dataset, sampler = make_sampler(dataset, cfg, llava.model.num_image_tokens, rt, samples_streamed, None,
-                                    not args.no_progress)
+    prepare_pack_index(dataset, cfg, rt, not args.no_progress)
+    dataset, sampler = make_sampler(dataset, cfg, model_cfg, rt.rank, rt.world_size, samples_streamed, None)
     loader = make_loader(dataset, micro, sampler, cfg, drop_last=True)
     batches = iter(loader)
     min_len = min_trim_length(dataset, llava)
@@ -1087,17 +1100,13 @@ def write_checkpoint(model_dir, wrapped, optimizer, scheduler, step, dataloader:
 
 
 def answer_starts(batch: dict, mask):
-    """The first loss position of every answer span (mask goes 0 -> 1 along the sample). Packed rows are read in
-    each sample's own order (segment, then position), so the spans are the ones the samples have unpacked."""
+    """The first loss position of every answer span (mask goes 0 -> 1 along the sample). Packed rows carry it
+    as `answer_start`, computed in each sample's own order (its tokens are not contiguous in the row)."""
     import torch
 
-    if "segment_ids" not in batch:
-        return mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
-    seg = batch["segment_ids"].long()
-    order = (seg * mask.shape[1] + batch["position_ids"].long()).argsort(dim=1)
-    m, s = mask.gather(1, order), seg.gather(1, order)
-    prev = torch.nn.functional.pad(m[:, :-1], (1, 0), value=False) & (s == torch.nn.functional.pad(s[:, :-1], (1, 0)))
-    return torch.zeros_like(mask).scatter(1, order, m & ~prev)
+    if "answer_start" in batch:
+        return batch["answer_start"].bool()
+    return mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
 
 
 def evaluate(rt: Runtime, rc: RunConfig, cfg: Optional[InputConfig], model_cfg, llava, wrapped, step, model_dir):
@@ -1111,7 +1120,8 @@ def evaluate(rt: Runtime, rc: RunConfig, cfg: Optional[InputConfig], model_cfg, 
     image_dtype = half_dtype(cfg.fp16_type) if rt.autocast_dtype is not None else torch.float32
     dataset = make_dataset(cfg, model_cfg, image_dtype)
     check_data_against_model(dataset, model_cfg, cfg.data_dir)
-    dataset, sampler = make_sampler(dataset, cfg, llava.model.num_image_tokens, rt, 0, 1, False)
+    prepare_pack_index(dataset, cfg, rt, False)
+    dataset, sampler = make_sampler(dataset, cfg, model_cfg, rt.rank, rt.world_size, 0, 1)
     batch_size = max(1, (cfg.micro_batch_size or cfg.batch_size // rt.world_size))
     loader = make_loader(dataset, batch_size, sampler, cfg, drop_last=False)
     min_len = min_trim_length(dataset, llava)

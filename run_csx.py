@@ -309,13 +309,12 @@ def _input_loader(cfg: run_py.InputConfig, model_cfg, start_sample: int, num_epo
     import torch
     from cerebras.pytorch.utils.data.sampler import ShardedSampler
 
-    import create_hdf5_dataset as hd
 
     # half dtype as set on the user node (cbfloat16 uses float16 as its proxy dtype)
     image_dtype = cstorch.amp.get_floating_point_dtype() if cfg.mixed_precision else torch.float32
     dataset = run_py.make_dataset(cfg, model_cfg, image_dtype)
-    order = hd.ResumableSampler(len(dataset), shuffle=cfg.shuffle, seed=cfg.shuffle_seed,
-                                start_sample=start_sample, num_epochs=num_epochs)
+    # packing: the same PackedRowSampler plan as the GPU/CPU path (one global stream, cut into global batches)
+    dataset, order = run_py.make_sampler(dataset, cfg, model_cfg, 0, 1, start_sample, num_epochs)
     workers = cfg.num_workers
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=ShardedSampler(GlobalBatches(order, cfg.batch_size)), num_workers=workers,
@@ -333,15 +332,22 @@ def eval_input_fn(cfg: run_py.InputConfig, model_cfg):
     return _input_loader(cfg, model_cfg, 0, num_epochs=1)
 
 
-def host_dataset(cfg: run_py.InputConfig, model_cfg, where: str):
-    """Open the data on this host to check it against the model and count it (the workers open their own)."""
+def host_dataset(cfg: run_py.InputConfig, model_cfg, where: str, progress: bool = False) -> int:
+    """Open the data on this host to check it against the model; returns the items of one epoch (samples, or
+    packed rows). Packing computes the cached length index here, which the input workers then read."""
     import torch
+
+    import create_hdf5_dataset as hd
 
     dataset = run_py.make_dataset(cfg, model_cfg, torch.float32)
     run_py.check_data_against_model(dataset, model_cfg, cfg.data_dir)
-    if len(dataset) < cfg.batch_size:
-        raise SystemExit(f"{where}: {len(dataset)} samples in {cfg.data_dir} < batch_size {cfg.batch_size}")
-    return dataset
+    if cfg.packing:
+        hd.pack_index(dataset.files, progress=progress)
+    items = len(run_py.make_sampler(dataset, cfg, model_cfg, 0, 1, 0, 1)[1])
+    if items < cfg.batch_size:
+        what = "packed rows" if cfg.packing else "samples"
+        raise SystemExit(f"{where}: {items} {what} in {cfg.data_dir} < batch_size {cfg.batch_size}")
+    return items
 
 
 def set_micro_batch_size(cfg: run_py.InputConfig, systems: int) -> None:
@@ -408,8 +414,7 @@ def restore_training_state(ckpt: dict, ckpt_path, optimizer, scheduler, mileston
     return global_step, run_py.dataloader_position(ckpt, cfg, ckpt_path, global_step * cfg.batch_size)
 
 
-def checkpoint_state(llava, optimizer, scheduler, grad_scaler, step: int, samples_streamed: int, seed: int,
-                     params: dict) -> dict:
+def checkpoint_state(llava, optimizer, scheduler, grad_scaler, step: int, dataloader: dict, params: dict) -> dict:
     """What checkpoint_<step>.mdl holds (inside a checkpoint closure, where CSX tensors can be fetched)."""
     import cerebras.pytorch as cstorch
     import torch
@@ -422,7 +427,7 @@ def checkpoint_state(llava, optimizer, scheduler, grad_scaler, step: int, sample
         "optimizer": opt_state,
         "lr_scheduler": {**scheduler.state_dict(), "last_step": step},  # last_step: the GPU/CPU path's form
         "global_step": step,
-        "dataloader": {"samples_streamed": samples_streamed, "seed": seed},
+        "dataloader": dataloader,
         "__metadata__": run_py.checkpoint_metadata(params, "run_csx.py", cstorch.__version__),
     }
     if grad_scaler is not None:
@@ -494,8 +499,9 @@ def make_train_step(compiled, optimizer, scheduler, grad_scaler, params: list, m
         optimizer.zero_grad()
         scheduler.step()
         real_tokens = (batch["key_padding_mask"] == 0).sum()
+        samples = batch["num_samples"].sum() if "num_samples" in batch else torch.tensor(batch["loss_mask"].shape[0])
         # outputs in float32: a cbfloat16 tensor cannot be brought to the host
-        return loss.float(), norm.float(), real_tokens
+        return loss.float(), norm.float(), real_tokens, samples
 
     return train_step
 
@@ -510,7 +516,7 @@ def train(args, rc: run_py.RunConfig, sections: dict, llava, compiled, amp, ckpt
     cfg: run_py.InputConfig = sections["train_input"]
     opt_cfg: run_py.OptimizerConfig = sections["optimizer"]
     model_cfg = sections["model"]
-    host_dataset(cfg, model_cfg, "train_input")
+    host_dataset(cfg, model_cfg, "train_input", progress=not args.no_progress)
 
     # ModelZoo's groups (weight decay, no decay); cstorch keeps state for every param given
     groups = M.optimizer_param_groups(llava, opt_cfg.weight_decay)
@@ -535,13 +541,13 @@ def train(args, rc: run_py.RunConfig, sections: dict, llava, compiled, amp, ckpt
     start_samples = samples_streamed - global_step * cfg.batch_size  # position offset kept from the checkpoint
 
     @cstorch.step_closure
-    def after_step(step, loss, grad_norm, real_tokens):
+    def after_step(step, loss, grad_norm, real_tokens, samples):
         loss_value = float(loss)
         if rc.check_loss_values and not math.isfinite(loss_value):
             raise run_py.NonFiniteLoss(f"Loss is {loss_value} at step {step}; the last good checkpoint is "
                                        f"{state['last_ckpt'] or 'none (no checkpoint written yet)'}. Lower the "
                                        "learning rate or check the data around this step.")
-        state["samples"] += cfg.batch_size
+        state["samples"] += float(samples)
         state["tokens"] += float(real_tokens)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -558,8 +564,8 @@ def train(args, rc: run_py.RunConfig, sections: dict, llava, compiled, amp, ckpt
     @cstorch.checkpoint_closure
     def save(step):
         samples = start_samples + step * cfg.batch_size
-        st = checkpoint_state(llava, optimizer, scheduler, grad_scaler, step, samples, cfg.shuffle_seed,
-                              args.params_dict)
+        st = checkpoint_state(llava, optimizer, scheduler, grad_scaler, step,
+                              run_py.dataloader_state(samples, cfg.shuffle_seed, cfg), args.params_dict)
         state["last_ckpt"] = save_checkpoint(model_dir, st, step, rc.max_checkpoints)
 
     log.info("Training steps %d -> %d: global batch %d (micro batch %s), %s", global_step, rc.max_steps,
@@ -575,9 +581,9 @@ def train(args, rc: run_py.RunConfig, sections: dict, llava, compiled, amp, ckpt
             checkpoint_steps=checkpoint_schedule(start, end, rc.checkpoint_steps, end == rc.max_steps))
         step = start
         for batch in executor:
-            loss, grad_norm, real_tokens = train_step(batch)
+            loss, grad_norm, real_tokens, samples = train_step(batch)
             step += 1
-            after_step(step, loss, grad_norm, real_tokens)  # before save: a NaN loss stops the checkpoint
+            after_step(step, loss, grad_norm, real_tokens, samples)  # before save: a NaN loss stops the checkpoint
             save(step)
         if args.compile_only or args.validate_only:
             if args.mode == "train_and_eval":  # the eval graph too
@@ -630,8 +636,11 @@ def make_eval_step(compiled, amp):
         mask_f = mask.float()
         ce = F.cross_entropy(logits.float().flatten(0, 1), labels.long().flatten(), reduction="none")
         hit = (logits.argmax(-1) == labels.long()).float()
-        prev = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
-        first = mask * (1 - prev)  # first position of every answer span: mask goes 0 -> 1
+        if "answer_start" in batch:  # packed rows: computed in each sample's own order
+            first = batch["answer_start"]
+        else:
+            prev = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
+            first = mask * (1 - prev)  # first position of every answer span: mask goes 0 -> 1
         first_f = first.float()
         sums = torch.stack([(ce * mask_f.flatten()).sum(), mask_f.sum(), (hit * mask_f).sum(),
                             (hit * first_f).sum(), first_f.sum()])
@@ -646,8 +655,7 @@ def evaluate(args, rc: run_py.RunConfig, cfg: run_py.InputConfig, model_cfg, com
     import cerebras.pytorch as cstorch
     import torch
 
-    dataset = host_dataset(cfg, model_cfg, "eval_input")
-    batches = len(dataset) // cfg.batch_size
+    batches = host_dataset(cfg, model_cfg, "eval_input") // cfg.batch_size
     if rc.eval_steps:
         batches = min(batches, rc.eval_steps)
     set_micro_batch_size(cfg, num_csx(args))
