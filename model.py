@@ -409,7 +409,7 @@ class LlavaModel(nn.Module):
         if "segment_ids" not in batch:
             return None
         return {"position_ids": batch["position_ids"], "segment_ids": batch["segment_ids"],
-                "image_valid": batch["image_valid"], "skip_unused": self.sparse_logits}
+                "image_valid": batch["image_valid"], "dynamic": self.sparse_logits}
 
     @staticmethod
     def num_samples(batch: dict) -> int | torch.Tensor:

@@ -147,6 +147,53 @@ def packed_flex_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor):
     return create_block_mask(mask_mod, b, None, s, s, device=segment_ids.device)
 
 
+class PackedSegments:
+    """Packed rows regrouped per sample for attention (GPU/CPU: data-dependent shapes): the samples are bucketed
+    by length (multiples of BUCKET tokens), each bucket's samples become the rows of one [n, length] batch with
+    their tokens in position order, attention runs causally on it through SDPA's fused kernels, and the outputs
+    go back to their row positions. The same result as the block-diagonal mask, at about the cost of the
+    samples' own lengths instead of the whole row's. Padding tokens (segment 0) get zeros."""
+
+    BUCKET = 64
+
+    def __init__(self, segment_ids: torch.Tensor, position_ids: torch.Tensor):
+        b, s = segment_ids.shape
+        seg, pos = segment_ids.long(), position_ids.long()
+        device = seg.device
+        sample = torch.arange(b, device=device).unsqueeze(1) * (s + 1) + seg  # a number per (row, segment)
+        key = torch.where(seg > 0, sample * s + pos, torch.full_like(pos, (b + 1) * (s + 1) * s))
+        real = int((seg > 0).sum())
+        order = key.flatten().argsort()[:real]  # flat token indices, grouped by sample, in position order
+        counts = torch.unique_consecutive(sample.flatten()[order], return_counts=True)[1]
+        starts = torch.cumsum(counts, 0) - counts
+        sample_of = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+        rank = torch.arange(real, device=device) - torch.repeat_interleave(starts, counts)
+        length = (counts + self.BUCKET - 1) // self.BUCKET * self.BUCKET
+        self.shape = (b, s)
+        self.buckets = []  # (flat token indices, row in the bucket batch, position in it, rows, length)
+        for size in sorted(set(length.tolist())):
+            members = (length == size).nonzero().squeeze(-1)
+            local = torch.full((len(counts),), -1, dtype=torch.long, device=device)
+            local[members] = torch.arange(len(members), device=device)
+            tokens = (local[sample_of] >= 0).nonzero().squeeze(-1)
+            self.buckets.append((order[tokens], local[sample_of[tokens]], rank[tokens], len(members), size))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        b, s = self.shape
+        heads, dim = q.shape[1], q.shape[3]
+        flat = [x.transpose(1, 2).reshape(b * s, heads, dim) for x in (q, k, v)]
+        out = q.new_zeros(b * s, heads, dim)
+        for index, row, col, rows, size in self.buckets:
+            batch = []
+            for x in flat:  # [b*s, h, D] -> [rows, h, size, D]
+                dense = x.new_zeros(rows, size, heads, dim)
+                dense[row, col] = x[index]
+                batch.append(dense.transpose(1, 2))
+            res = F.scaled_dot_product_attention(*batch, is_causal=True, dropout_p=dropout_p)
+            out = out.index_put((index,), res.transpose(1, 2)[row, col])
+        return out.reshape(b, s, heads, dim).transpose(1, 2)
+
+
 _COMPILED_FLEX = []
 
 
@@ -215,7 +262,9 @@ class Attention(nn.Module):
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a BlockMask: FlexAttention
+        if isinstance(attn_mask, PackedSegments):
+            out = attn_mask.attend(q, k, v, self.dropout_rate if self.training else 0.0)
+        elif attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a BlockMask: FlexAttention
             out = flex_attention(q, k, v, attn_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -391,24 +440,26 @@ class LlamaLMModel(nn.Module):
         self.rope_theta = rope_theta
         self.pos_scaling_factor = pos_scaling_factor
         self.attention_dropout_rate = attention_dropout_rate
-        # Packed rows: "auto" = FlexAttention where flex_attention_available, else SDPA with a dense mask;
-        # "sdpa" / "flex" force one (tests compare them).
+        # Packed rows: "auto" = FlexAttention where flex_attention_available, else per-sample SDPA
+        # (PackedSegments) when shapes may depend on the data, else SDPA with a dense mask (fixed shapes, CSX);
+        # "segments" / "sdpa" / "flex" force one (tests compare them).
         self.packed_attention = "auto"
 
     def compute_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding_layer.word_embeddings(input_ids)
 
     def decode(self, embeddings: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
-               position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
-               ) -> torch.Tensor:
+               position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
+               dynamic: bool = False) -> torch.Tensor:
         """Causal decoder over input embeddings [B, S, H]; returns final-norm hidden states.
 
         key_padding_mask: [B, S], nonzero = that key position is never attended to.
         position_ids + segment_ids [B, S] (packed rows): each token's position in its own sample and the
-        sample's number in the row (0 = padding); attention stays inside a sample and causal in position."""
+        sample's number in the row (0 = padding); attention stays inside a sample and causal in position.
+        dynamic: shapes may depend on the data (GPU/CPU), which allows the per-sample attention."""
         b, s, _ = embeddings.shape
         if segment_ids is not None:
-            return self._decode_packed(embeddings, position_ids, segment_ids)
+            return self._decode_packed(embeddings, position_ids, segment_ids, dynamic)
         rotary = rotary_tables(s, self.rotary_dim, self.rope_theta, self.pos_scaling_factor, embeddings.device,
                                torch.float32)
         if key_padding_mask is None:
@@ -425,15 +476,18 @@ class LlamaLMModel(nn.Module):
         x = stack.run_layers(x, len(stack.layers), attn_mask=attn_mask, is_causal=is_causal, rotary=rotary)
         return self.ln_f(x)
 
-    def _decode_packed(self, embeddings: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor
-                       ) -> torch.Tensor:
+    def _decode_packed(self, embeddings: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
+                       dynamic: bool) -> torch.Tensor:
         rotary = rotary_for_positions(position_ids, self.rotary_dim, self.rope_theta, self.pos_scaling_factor)
         impl = self.packed_attention
         if impl == "auto":
-            impl = "flex" if flex_attention_available(embeddings.device) and (
-                self.attention_dropout_rate == 0 or not self.training) else "sdpa"
+            flex_ok = flex_attention_available(embeddings.device) and (
+                self.attention_dropout_rate == 0 or not self.training)
+            impl = "flex" if flex_ok else "segments" if dynamic else "sdpa"
         if impl == "flex":
             attn_mask = packed_flex_mask(segment_ids, position_ids)
+        elif impl == "segments":
+            attn_mask = PackedSegments(segment_ids, position_ids)
         else:
             attn_mask = packed_attention_mask(segment_ids, position_ids)
         x = self.embedding_dropout(embeddings)
@@ -529,9 +583,10 @@ class Llava(nn.Module):
                       ) -> torch.Tensor:
         text = self.text_model.compute_input_embeddings(text_input_ids)
         if packed is not None:
-            feats = self.packed_image_features(image_data, packed["image_valid"], packed.get("skip_unused", False))
+            feats = self.packed_image_features(image_data, packed["image_valid"], packed.get("dynamic", False))
             merged = self.merge_packed(text, feats, packed["image_valid"])
-            return self.text_model.decode(merged, None, packed["position_ids"], packed["segment_ids"])
+            return self.text_model.decode(merged, None, packed["position_ids"], packed["segment_ids"],
+                                          packed.get("dynamic", False))
         merged = self.merge(text, self.image_features(image_data), image_start_idx)
         return self.text_model.decode(merged, key_padding_mask)
 
