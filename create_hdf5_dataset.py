@@ -15,7 +15,8 @@ number of workers; waits for its workers):
 
     python create_hdf5_dataset.py shuffle INPUT_DIR OUTPUT_DIR --num_chunks 16 --num_workers 2 --seed 0
 
-Reader (used by run.py): `LlavaH5Dataset`, `ResumableSampler`, `build_transforms`.
+Reader (used by run.py): `LlavaH5Dataset`, `ResumableSampler`, `build_transforms`; sequence packing:
+`pack_index` (cached row lengths), `plan_rows`, `PackedRowSampler`, `PackedDataset`, `pack_row`.
 
 Token layouts (spec 2.6/2.7), with the fixes of spec 8 items 7-13:
   phase 1: [BOS] [pad x NP] caption EOS (caption EOS ...)           image slots start at 1
@@ -355,8 +356,6 @@ def _check_config_values(cfg: PreprocConfig) -> None:
 
 def load_config(params: str | os.PathLike, mode: str, overrides: dict | None = None) -> PreprocConfig:
     """Read the preprocessing yaml, apply overrides, and check that it fits the mode (LlavaPhaseOne/Two)."""
-    import yaml
-
     path = Path(params)
     if not path.is_file():
         raise ConfigError(f"--params {str(path)!r}: file not found")

@@ -148,15 +148,16 @@ def packed_flex_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor):
 
 
 class PackedSegments:
-    """Packed rows regrouped per sample for attention (GPU/CPU: data-dependent shapes): the samples are bucketed
-    by length (multiples of BUCKET tokens), each bucket's samples become the rows of one [n, length] batch with
-    their tokens in position order, attention runs causally on it through SDPA's fused kernels, and the outputs
-    go back to their row positions. The same result as the block-diagonal mask, at about the cost of the
-    samples' own lengths instead of the whole row's. Padding tokens (segment 0) get zeros."""
+    """Packed rows regrouped per sample for attention (GPU/CPU: data-dependent shapes). Each sample's tokens, in
+    position order, are one causal sequence: on CUDA with torch >= 2.10 they go to PyTorch's variable-length
+    flash attention (torch.nn.attention.varlen) as they are; elsewhere the samples are bucketed by length
+    (multiples of BUCKET tokens) and each bucket runs as one [n, length] batch through SDPA's fused causal
+    kernels. The outputs go back to their row positions. The same result as the block-diagonal mask, at about
+    the cost of the samples' own lengths instead of the whole row's. Padding tokens (segment 0) get zeros."""
 
     BUCKET = 64
 
-    def __init__(self, segment_ids: torch.Tensor, position_ids: torch.Tensor):
+    def __init__(self, segment_ids: torch.Tensor, position_ids: torch.Tensor, varlen=None):
         b, s = segment_ids.shape
         seg, pos = segment_ids.long(), position_ids.long()
         device = seg.device
@@ -168,8 +169,12 @@ class PackedSegments:
         starts = torch.cumsum(counts, 0) - counts
         sample_of = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
         rank = torch.arange(real, device=device) - torch.repeat_interleave(starts, counts)
-        length = (counts + self.BUCKET - 1) // self.BUCKET * self.BUCKET
         self.shape = (b, s)
+        self.order = order
+        self.varlen = varlen  # varlen_attention(q, k, v, cu_seqlens, longest) or None
+        self.cu_seqlens = F.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
+        self.longest = int(counts.max()) if real else 0
+        length = (counts + self.BUCKET - 1) // self.BUCKET * self.BUCKET
         self.buckets = []  # (flat token indices, row in the bucket batch, position in it, rows, length)
         for size in sorted(set(length.tolist())):
             members = (length == size).nonzero().squeeze(-1)
@@ -183,6 +188,9 @@ class PackedSegments:
         heads, dim = q.shape[1], q.shape[3]
         flat = [x.transpose(1, 2).reshape(b * s, heads, dim) for x in (q, k, v)]
         out = q.new_zeros(b * s, heads, dim)
+        if self.varlen is not None and dropout_p == 0:
+            res = self.varlen(*(x[self.order] for x in flat), self.cu_seqlens, self.longest)
+            return out.index_put((self.order,), res).reshape(b, s, heads, dim).transpose(1, 2)
         for index, row, col, rows, size in self.buckets:
             batch = []
             for x in flat:  # [b*s, h, D] -> [rows, h, size, D]
@@ -206,15 +214,25 @@ def flex_attention(q, k, v, block_mask):
     return _COMPILED_FLEX[0](q, k, v, block_mask=block_mask)
 
 
-def flex_attention_available(device: torch.device) -> bool:
-    """FlexAttention for packed rows: CUDA and torch >= 2.10 (older releases lack parts of it we rely on)."""
+def varlen_attention(device: torch.device):
+    """PyTorch's variable-length flash attention as f(q, k, v, cu_seqlens, longest) -> [T, h, D], causal; None
+    where it is missing (CPU, torch < 2.10). Its causal switch is `is_causal` in 2.10 and window_size (-1, 0)
+    (no keys to the right) later."""
     if device.type != "cuda" or tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 10):
-        return False
+        return None
     try:
-        from torch.nn.attention import flex_attention as _  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return None
+    import inspect
+
+    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {
+        "window_size": (-1, 0)}
+
+    def attend(q, k, v, cu_seqlens, longest):
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, **causal)
+
+    return attend
 
 
 def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -439,10 +457,9 @@ class LlamaLMModel(nn.Module):
         self.rotary_dim = rotary_dim or hidden_size // num_heads
         self.rope_theta = rope_theta
         self.pos_scaling_factor = pos_scaling_factor
-        self.attention_dropout_rate = attention_dropout_rate
-        # Packed rows: "auto" = FlexAttention where flex_attention_available, else per-sample SDPA
-        # (PackedSegments) when shapes may depend on the data, else SDPA with a dense mask (fixed shapes, CSX);
-        # "segments" / "sdpa" / "flex" force one (tests compare them).
+        # Packed rows: "auto" = per-sample attention (PackedSegments: varlen flash attention on CUDA, bucketed
+        # SDPA elsewhere) when shapes may depend on the data (GPU/CPU), else SDPA with a dense mask (fixed
+        # shapes, CSX); "segments" / "sdpa" / "flex" (FlexAttention on the dense mask's blocks) force one.
         self.packed_attention = "auto"
 
     def compute_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -481,13 +498,11 @@ class LlamaLMModel(nn.Module):
         rotary = rotary_for_positions(position_ids, self.rotary_dim, self.rope_theta, self.pos_scaling_factor)
         impl = self.packed_attention
         if impl == "auto":
-            flex_ok = flex_attention_available(embeddings.device) and (
-                self.attention_dropout_rate == 0 or not self.training)
-            impl = "flex" if flex_ok else "segments" if dynamic else "sdpa"
+            impl = "segments" if dynamic else "sdpa"
         if impl == "flex":
             attn_mask = packed_flex_mask(segment_ids, position_ids)
         elif impl == "segments":
-            attn_mask = PackedSegments(segment_ids, position_ids)
+            attn_mask = PackedSegments(segment_ids, position_ids, varlen_attention(embeddings.device))
         else:
             attn_mask = packed_attention_mask(segment_ids, position_ids)
         x = self.embedding_dropout(embeddings)

@@ -19,6 +19,9 @@ lr_scheduler, global_step, dataloader position, __metadata__ with the config), e
 and at the end, keeping the newest runconfig.max_checkpoints (alias keep_checkpoints, default 3). A run resumes
 from --checkpoint_path or the newest checkpoint in model_dir; `load_checkpoint_states: model` takes the weights
 only (phase 2 from phase 1). Converted checkpoints (keys without `model.`) load into the inner Llava module.
+
+Sequence packing: train_input.packing / eval_input.packing true packs several samples per MSL row
+(create_hdf5_dataset.PackedRowSampler / PackedDataset); batch_size then counts rows, the logs count samples.
 """
 
 from __future__ import annotations
@@ -934,7 +937,6 @@ def save_resolved_config(model_dir: Path, params: dict, mode: str):
 
 
 def train_loop(args, rt: Runtime, rc: RunConfig, sections: dict, llava, wrapped, ckpt: dict, ckpt_path, model_dir):
-    import create_hdf5_dataset as hd
     import torch
     from tqdm import tqdm
 
@@ -1112,7 +1114,6 @@ def answer_starts(batch: dict, mask):
 def evaluate(rt: Runtime, rc: RunConfig, cfg: Optional[InputConfig], model_cfg, llava, wrapped, step, model_dir):
     """Loss, perplexity and answer-token accuracy over eval_input; also the accuracy of each answer's first token
     (the first loss position of every answer span) against the majority-answer baseline."""
-    import create_hdf5_dataset as hd
     import torch
 
     if cfg is None:

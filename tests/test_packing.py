@@ -290,3 +290,27 @@ def test_resuming_a_packed_run_without_packing_is_refused(data, tmp_path):
     run.main(cli("CPU", "train", PHASE2, tmp_path, data, 2, steps=1, **PACKED))
     with pytest.raises(SystemExit, match=r"trained with train_input.packing.*packing: true"):
         run.main(cli("CPU", "train", PHASE2, tmp_path, data, 2, steps=2))
+
+
+def reference_varlen(q, k, v, cu_seqlens, longest):
+    """What torch.nn.attention.varlen computes (causal), one sequence at a time: the CPU stand-in for CUDA."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        assert b - a <= longest
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True).transpose(0, 1)
+    return out
+
+
+def test_varlen_layout_equals_the_bucketed_and_dense_attention():
+    torch.manual_seed(0)
+    seg = torch.tensor([[1, 1, 1, 2, 2, 1, 3, 2, 0, 0], [1, 1, 2, 1, 2, 2, 2, 1, 1, 0]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 3, 0, 2, 0, 0], [0, 1, 0, 2, 1, 2, 3, 3, 4, 0]])
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ml.packed_attention_mask(seg, pos))
+    bucketed = ml.PackedSegments(seg, pos).attend(q, k, v, 0.0)
+    varlen = ml.PackedSegments(seg, pos, varlen=reference_varlen).attend(q, k, v, 0.0)
+    real = (seg > 0)[:, None, :, None].expand_as(q)
+    torch.testing.assert_close(bucketed[real], dense[real])
+    torch.testing.assert_close(varlen[real], dense[real])
+    assert not varlen[~real].any() and not bucketed[~real].any()  # padding gets zeros
