@@ -231,14 +231,19 @@ def test_nan_loss_stops_before_the_checkpoint_and_names_the_last_good_one(data, 
 def test_compile_only_on_the_csx_backend_traces_the_training_step(data, tmp_path):
     """No appliance here: the CSX backend traces the whole step (model, cbfloat16, GradScaler, AdamW, schedule)
     into torch.mlir locally; lowering it needs the Cerebras SDK's torch-cirh-opt, which the wheel lacks."""
+    compile_only_traces(tmp_path, data, **{"train_input.micro_batch_size": 2})
+    assert checkpoints(tmp_path) == []
+
+
+def compile_only_traces(tmp_path, data, **extra) -> None:
+    """run.py CSX --compile_only in cbfloat16 on the CSX backend: the step is traced into torch.mlir, and only
+    the SDK-less lowering after it fails."""
     proc = run_py("CSX", "train", tmp_path, data, "--cstorch_backend", "CSX", "--compile_only",
                   "--mgmt_address", "localhost:9", expect_ok=False,
-                  **{"train_input.mixed_precision": "true", "train_input.fp16_type": "cbfloat16",
-                     "train_input.micro_batch_size": 2})
+                  **{"train_input.mixed_precision": "true", "train_input.fp16_type": "cbfloat16", **extra})
     out = proc.stdout + proc.stderr
     assert "CSX compile failed: torch-to-cirh lowering failed" in out, out[-3000:]
     assert (tmp_path / "cerebras_logs" / "executors" / "000001" / "torch.mlir").stat().st_size > 0
-    assert checkpoints(tmp_path) == []
 
 
 SCHEDULE_CHECK = textwrap.dedent("""
@@ -385,10 +390,4 @@ def test_packed_csx_path_matches_the_gpu_cpu_path(data, tmp_path):
 
 
 def test_compile_only_traces_the_packed_training_step(data, tmp_path):
-    proc = run_py("CSX", "train", tmp_path, data, "--cstorch_backend", "CSX", "--compile_only",
-                  "--mgmt_address", "localhost:9", expect_ok=False,
-                  **PACKED, **{"train_input.mixed_precision": "true", "train_input.fp16_type": "cbfloat16",
-                               "train_input.max_images_per_row": 2})
-    out = proc.stdout + proc.stderr
-    assert "CSX compile failed: torch-to-cirh lowering failed" in out, out[-3000:]
-    assert (tmp_path / "cerebras_logs" / "executors" / "000001" / "torch.mlir").stat().st_size > 0
+    compile_only_traces(tmp_path, data, **PACKED, **{"train_input.max_images_per_row": 2})
