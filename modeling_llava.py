@@ -188,7 +188,7 @@ class PackedSegments:
         heads, dim = q.shape[1], q.shape[3]
         flat = [x.transpose(1, 2).reshape(b * s, heads, dim) for x in (q, k, v)]
         out = q.new_zeros(b * s, heads, dim)
-        if self.varlen is not None and dropout_p == 0:
+        if self.varlen is not None and dropout_p == 0 and q.dtype in (torch.float16, torch.bfloat16):  # flash
             res = self.varlen(*(x[self.order] for x in flat), self.cu_seqlens, self.longest)
             return out.index_put((self.order,), res).reshape(b, s, heads, dim).transpose(1, 2)
         for index, row, col, rows, size in self.buckets:
