@@ -100,14 +100,24 @@ LLAMA_LAYER_KEYS = {
     "self_attn.k_proj.weight": "self_attn.proj_k_dense_layer.weight",  # rows permuted (rope_k)
     "self_attn.v_proj.weight": "self_attn.proj_v_dense_layer.weight",
     "self_attn.o_proj.weight": "self_attn.proj_output_dense_layer.weight",
+    "self_attn.q_proj.bias": "self_attn.proj_q_dense_layer.bias",  # Qwen2; permuted (rope_q)
+    "self_attn.k_proj.bias": "self_attn.proj_k_dense_layer.bias",  # Qwen2; permuted (rope_k)
+    "self_attn.v_proj.bias": "self_attn.proj_v_dense_layer.bias",  # Qwen2
+    "self_attn.o_proj.bias": "self_attn.proj_output_dense_layer.bias",  # Llama attention_bias: true
+    "self_attn.q_norm.weight": "self_attn.q_norm.weight",  # Qwen3; channels permuted within the head (rope_head)
+    "self_attn.k_norm.weight": "self_attn.k_norm.weight",  # Qwen3; (rope_head)
     "input_layernorm.weight": "norm1.weight",
     "post_attention_layernorm.weight": "norm3.weight",
     "mlp.up_proj.weight": "ffn.ffn.0.linear_layer.weight",
     "mlp.gate_proj.weight": "ffn.ffn.0.linear_layer_for_glu.weight",
     "mlp.down_proj.weight": "ffn.ffn.1.linear_layer.weight",
 }
-# Keys that may be absent on either side (a tied lm_head is not stored by HF's save_pretrained).
+# Keys that may be absent on either side (a tied lm_head is not stored by HF's save_pretrained), and the
+# per-layer keys that only some model families have (attention biases, Qwen3's q/k norms): the target model's
+# own key set decides whether they must be there.
 OPTIONAL_KEYS = {"lm_head.weight"}
+FAMILY_LAYER_KEYS = {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
+                     "self_attn.o_proj.bias", "self_attn.q_norm.weight", "self_attn.k_norm.weight"}
 
 # LLaVA's mm_projector is nn.Sequential(Linear, GELU, Linear, ...): HF index = 2 * CS index.
 PROJECTOR_KEYS = {
@@ -193,11 +203,16 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
                lambda w, h, k: _rope_rows(w, h.num_heads, k, False)),
     "rope_k": (lambda w, h, k: _rope_rows(w, h.num_kv_heads, k, True),
                lambda w, h, k: _rope_rows(w, h.num_kv_heads, k, False)),
+    "rope_head": (lambda w, h, k: _rope_rows(w, 1, k, True), lambda w, h, k: _rope_rows(w, 1, k, False)),
 }
 KEY_TRANSFORMS = {  # full HF key pattern -> transform name
     "vision_model.embeddings.position_embedding.weight": "cls_row",
     "model.layers.{}.self_attn.q_proj.weight": "rope_q",
     "model.layers.{}.self_attn.k_proj.weight": "rope_k",
+    "model.layers.{}.self_attn.q_proj.bias": "rope_q",
+    "model.layers.{}.self_attn.k_proj.bias": "rope_k",
+    "model.layers.{}.self_attn.q_norm.weight": "rope_head",
+    "model.layers.{}.self_attn.k_norm.weight": "rope_head",
 }
 
 
@@ -360,6 +375,8 @@ class KeyMapper:
                 if rule.hf in OPTIONAL_KEYS:
                     continue
                 got = seen.get((rule.hf, rule.cs), set())
+                if not got and rule.hf.split("{}.")[-1] in FAMILY_LAYER_KEYS:
+                    continue  # a key this model family does not have; present in one layer = in every layer
                 want = indices if "{}" in pattern else {None}
                 step = rule.index_step if self.to_cs else 1
                 for i in sorted(want - got):

@@ -88,14 +88,21 @@ class TextModelConfig:
     norm_type: str = "rmsnorm"  # only rmsnorm is implemented
     position_embedding_type: str = "rotary"  # only rotary is implemented
     rotary_dim: Optional[int] = None  # rotated channels per head (default: head_dim)
-    rope_theta: float = 10000.0  # RoPE base
-    pos_scaling_factor: float = 1.0  # linear RoPE position scaling
+    rope_theta: float = 10000.0  # RoPE base (Llama-2 1e4, Llama-3 5e5, Qwen2.5 / Mistral-v0.3 1e6)
+    pos_scaling_factor: float = 1.0  # RoPE scaling factor (linear: positions / factor; llama3: its `factor`)
+    pos_scaling_type: str = "linear"  # "linear" or "llama3" (Llama-3.1 frequency scaling)
+    pos_scaling_extra_args: Optional[dict] = None  # llama3: low_freq_factor, high_freq_factor,
+    #                                                original_max_position_embeddings
     max_position_embeddings: int = 2048  # longest sequence the model is meant for
     share_embedding_weights: bool = False  # tie lm_head to the word embeddings
     attention_module: str = "aiayn_attention"  # "aiayn_attention" (MHA) or "multiquery_attention" (GQA)
     extra_attention_params: dict = field(default_factory=dict)  # {num_kv_groups: N} for multiquery_attention
-    use_projection_bias_in_attention: bool = False  # biases on q/k/v/output projections
-    use_ffn_bias_in_attention: bool = False  # kept for Cerebras configs; must equal the projection bias
+    use_projection_bias_in_attention: bool = False  # biases on the q/k/v projections (Qwen2/2.5: true)
+    use_ffn_bias_in_attention: bool = False  # bias on the attention output projection (Qwen2: false)
+    attention_inner_dim: Optional[int] = None  # q width = num_heads x head_dim (default hidden_size; Qwen3 differs)
+    attention_qk_norm_layer: Optional[str] = None  # "rmsnorm": per-head RMSNorm on q and k (Qwen3)
+    attention_qk_norm_eps: float = 1e-5  # eps of the q/k norms (Qwen3: its rms_norm_eps, 1e-6)
+    attention_sliding_window_length: Optional[int] = None  # Mistral-v0.1's window; must be >= the data's MSL
     use_ffn_bias: bool = False  # biases in the FFN
     use_bias_in_output: bool = False  # bias on lm_head
     embd_pdrop: float = 0.0  # embedding dropout (Cerebras' GPT2 default is 0.1: set it explicitly)
@@ -113,12 +120,10 @@ class TextModelConfig:
                     "use_ff_layer1_dropout": (False,), "use_position_embedding": (True,),
                     "embeddings_scale": (1.0,), "output_logits_scale": (None, 1.0), "scale_qk_dot_by_d": (None, False),
                     "scale_qk_dot_by_layer_idx": (False,), "attention_logits_alpha": (None, 1.0),
-                    "attention_inner_dim": (None,), "attention_qk_norm_layer": (None,),
                     "attention_logit_softcapping": (None,), "final_logit_softcapping": (None,),
-                    "attention_sliding_window_length": (None,), "fixed_sparse_attention": (None,),
+                    "sliding_window_every_other_decoder_layer": (False,), "fixed_sparse_attention": (None,),
                     "attention_sink_tokens": (None,), "alibi_trainable_slopes": (False,),
-                    "use_untied_rotary": (False,), "pos_scaling_type": ("linear", "LINEAR"),
-                    "pos_scaling_extra_args": (None, {}), "rel_distance_mode": ("default",), "pad_rope": (False,),
+                    "use_untied_rotary": (False,), "rel_distance_mode": ("default",), "pad_rope": (False,),
                     "position_embedding_offset": (0,), "constant_pos_embedding": (None,),
                     "norm_first_sandwich": (False,), "cross_attention_layers": ([], None), "memory_tokens": (None,),
                     "moe": (None, {}), "label_smoothing": (0.0,), "z_loss_eps": (0.0,)}
@@ -251,14 +256,13 @@ def _validate(cfg: LlavaModelConfig) -> None:
     if pj.layers_units[-1] != tm.hidden_size:
         raise ConfigError(f"model.projector.image_model.layers_units[-1] ({pj.layers_units[-1]}) must equal "
                           f"model.text_model.hidden_size ({tm.hidden_size})")
-    for sect, c in (("image_model", im), ("text_model", tm)):
-        if c.hidden_size % c.num_heads:
-            raise ConfigError(f"model.{sect}.hidden_size {c.hidden_size} is not divisible by num_heads {c.num_heads}")
+    if im.hidden_size % im.num_heads:
+        raise ConfigError(f"model.image_model.hidden_size {im.hidden_size} is not divisible by num_heads "
+                          f"{im.num_heads}")
     if tm.attention_module not in ("aiayn_attention", "multiquery_attention"):
         raise ConfigError(f"model.text_model.attention_module: {tm.attention_module!r}; "
                           "use 'aiayn_attention' or 'multiquery_attention'")
-    if tm.use_ffn_bias_in_attention != tm.use_projection_bias_in_attention:
-        raise ConfigError("model.text_model.use_ffn_bias_in_attention must equal use_projection_bias_in_attention")
+    _validate_text_family(tm)
     if tm.nonlinearity != "swiglu":
         raise ConfigError(f"model.text_model.nonlinearity: {tm.nonlinearity!r}; only 'swiglu' (Llama) is supported")
     for i, pattern in enumerate(cfg.freeze or []):
@@ -271,6 +275,40 @@ def _validate(cfg: LlavaModelConfig) -> None:
     if cfg.image_start_idx < 0 or cfg.image_start_idx + image_tokens > tm.max_position_embeddings:
         raise ConfigError(f"model.image_start_idx {cfg.image_start_idx} + {image_tokens} image tokens does not fit "
                           f"max_position_embeddings {tm.max_position_embeddings}")
+
+
+LLAMA3_SCALING_KEYS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _validate_text_family(tm: TextModelConfig) -> None:
+    """The Llama-3 / Mistral / Qwen options: RoPE scaling, q/k norm, attention width, sliding window."""
+    tm.pos_scaling_type = str(tm.pos_scaling_type).lower()
+    if tm.pos_scaling_type not in ("linear", "llama3"):
+        raise ConfigError(f"model.text_model.pos_scaling_type: {tm.pos_scaling_type!r} is not implemented; use "
+                          "'linear' or 'llama3'")
+    if tm.pos_scaling_type == "llama3":
+        extra = tm.pos_scaling_extra_args or {}
+        missing = [k for k in LLAMA3_SCALING_KEYS if k not in extra]
+        if missing or set(extra) - set(LLAMA3_SCALING_KEYS):
+            raise ConfigError(f"model.text_model.pos_scaling_extra_args: {extra!r}; pos_scaling_type llama3 needs "
+                              f"exactly {list(LLAMA3_SCALING_KEYS)} (Llama-3.1: 1.0, 4.0, 8192)")
+        if extra["high_freq_factor"] <= extra["low_freq_factor"]:
+            raise ConfigError("model.text_model.pos_scaling_extra_args: high_freq_factor must exceed "
+                              "low_freq_factor")
+    elif tm.pos_scaling_extra_args:
+        raise ConfigError("model.text_model.pos_scaling_extra_args is only read with pos_scaling_type: llama3; "
+                          "remove it")
+    if tm.attention_qk_norm_layer not in (None, "rmsnorm"):
+        raise ConfigError(f"model.text_model.attention_qk_norm_layer: {tm.attention_qk_norm_layer!r}; use "
+                          "'rmsnorm' (Qwen3) or leave it out")
+    inner = tm.attention_inner_dim or tm.hidden_size
+    if inner % tm.num_heads or (inner // tm.num_heads) % 2:
+        raise ConfigError(f"model.text_model.attention_inner_dim {inner} must be num_heads ({tm.num_heads}) x an "
+                          "even head size")
+    window = tm.attention_sliding_window_length
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ConfigError(f"model.text_model.attention_sliding_window_length: {window!r}; a whole number of "
+                          "tokens, or leave it out")
 
 
 def num_kv_heads(tm: TextModelConfig) -> int:
@@ -300,11 +338,15 @@ def build_llava(cfg: LlavaModelConfig) -> ml.Llava:
         vocab_size=tm.vocab_size, hidden_size=tm.hidden_size, num_hidden_layers=tm.num_hidden_layers,
         num_heads=tm.num_heads, num_kv_heads=num_kv_heads(tm), filter_size=tm.filter_size,
         nonlinearity=tm.nonlinearity, layer_norm_epsilon=tm.layer_norm_epsilon, rotary_dim=tm.rotary_dim,
-        rope_theta=tm.rope_theta, pos_scaling_factor=tm.pos_scaling_factor,
+        rope_theta=tm.rope_theta, pos_scaling_factor=tm.pos_scaling_factor if tm.pos_scaling_type == "linear" else 1.0,
         share_embedding_weights=tm.share_embedding_weights,
         use_projection_bias_in_attention=tm.use_projection_bias_in_attention, use_ffn_bias=tm.use_ffn_bias,
         use_bias_in_output=tm.use_bias_in_output, embd_pdrop=tm.embd_pdrop, dropout_rate=tm.dropout_rate,
-        attention_dropout_rate=tm.attention_dropout_rate)
+        attention_dropout_rate=tm.attention_dropout_rate, use_ffn_bias_in_attention=tm.use_ffn_bias_in_attention,
+        attention_inner_dim=tm.attention_inner_dim,
+        qk_norm_eps=tm.attention_qk_norm_eps if tm.attention_qk_norm_layer == "rmsnorm" else None,
+        llama3_scaling=({"factor": tm.pos_scaling_factor, **tm.pos_scaling_extra_args}
+                        if tm.pos_scaling_type == "llama3" else None))
     projector = ml.FeedForwardNetwork(pj.input_unit, pj.layers_units, pj.layers_activation, pj.use_bias,
                                       pj.dropout_rate)
     llava = ml.Llava(image_model, text_model, projector, cfg.image_feature_select_layer_idx,

@@ -107,20 +107,38 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rotary_tables(seq_len: int, rotary_dim: int, theta: float, scaling: float, device, dtype):
-    """cos/sin tables [seq_len, rotary_dim/2] for positions 0..seq_len-1 (positions divided by `scaling`)."""
+def rope_inverse_frequencies(rotary_dim: int, theta: float, llama3_scaling: Optional[dict], device
+                             ) -> torch.Tensor:
+    """RoPE frequencies theta^(-2i/d), i < d/2, in fp32.
+
+    llama3_scaling {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings} (Llama-3.1 and
+    later): wavelengths longer than original / low_freq_factor are stretched by `factor`, those shorter than
+    original / high_freq_factor are kept, and the band between blends the two linearly in original / wavelength."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32) / scaling
+    if not llama3_scaling:
+        return inv_freq
+    factor = float(llama3_scaling["factor"])
+    low, high = float(llama3_scaling["low_freq_factor"]), float(llama3_scaling["high_freq_factor"])
+    original = float(llama3_scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: stretched, 1: kept
+    stretched = inv_freq / factor
+    mixed = (1 - blend) * stretched + blend * inv_freq
+    return torch.where(wavelength > original / low, stretched,
+                       torch.where(wavelength < original / high, inv_freq, mixed))
+
+
+def rotary_tables(seq_len: int, inv_freq: torch.Tensor, scaling: float, dtype):
+    """cos/sin tables [seq_len, rotary_dim/2] for positions 0..seq_len-1 (positions divided by `scaling`)."""
+    pos = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32) / scaling
     angles = torch.outer(pos, inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rotary_for_positions(position_ids: torch.Tensor, rotary_dim: int, theta: float, scaling: float):
+def rotary_for_positions(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
     """cos/sin [B, 1, S, rotary_dim/2] for per-token positions [B, S] (packed rows: every sample from 0).
 
     The same arithmetic as rotary_tables, so a token at position p gets bit-identical angles either way."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32)
-                                / rotary_dim))
     angles = (position_ids.to(torch.float32) / scaling).unsqueeze(-1) * inv_freq
     return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 
@@ -248,23 +266,30 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query self-attention through torch's scaled_dot_product_attention."""
+    """Multi-head / grouped-query self-attention through torch's scaled_dot_product_attention.
+
+    inner_dim: width of q (num_heads x head_dim; default hidden_size, Qwen3 sets it apart). qk_norm_eps: a
+    per-head RMSNorm on q and k before the rotation (Qwen3), named q_norm / k_norm as in ModelZoo."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None,
-                 qkv_bias: bool = False, output_bias: bool = False, dropout_rate: float = 0.0):
+                 qkv_bias: bool = False, output_bias: bool = False, dropout_rate: float = 0.0,
+                 inner_dim: Optional[int] = None, qk_norm_eps: Optional[float] = None):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        inner_dim = inner_dim or hidden_size
+        if inner_dim % num_heads:
+            raise ValueError(f"attention width {inner_dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         if num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of the kv heads {self.num_kv_heads}")
-        self.head_dim = hidden_size // num_heads
+        self.head_dim = inner_dim // num_heads
         kv_size = self.num_kv_heads * self.head_dim
-        self.proj_q_dense_layer = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.proj_q_dense_layer = nn.Linear(hidden_size, inner_dim, bias=qkv_bias)
         self.proj_k_dense_layer = nn.Linear(hidden_size, kv_size, bias=qkv_bias)
         self.proj_v_dense_layer = nn.Linear(hidden_size, kv_size, bias=qkv_bias)
-        self.proj_output_dense_layer = nn.Linear(hidden_size, hidden_size, bias=output_bias)
+        self.proj_output_dense_layer = nn.Linear(inner_dim, hidden_size, bias=output_bias)
+        self.q_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.dropout_rate = dropout_rate
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
@@ -273,6 +298,8 @@ class Attention(nn.Module):
         q = self.proj_q_dense_layer(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.proj_k_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.proj_v_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:  # fp32 tables: cast back so q, k, v share a dtype (half outputs on CSX)
             q = apply_interleaved_rotary(q, *rotary).to(v.dtype)
             k = apply_interleaved_rotary(k, *rotary).to(v.dtype)
@@ -408,11 +435,12 @@ class LlamaDecoderLayer(nn.Module):
     """x + attn(norm1(x)), then x + swiglu_ffn(norm3(x)); Cerebras names the second norm `norm3`."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int], filter_size: int,
-                 nonlinearity: str, layer_norm_epsilon: float, attention_bias: bool, ffn_bias: bool,
-                 dropout_rate: float, attention_dropout_rate: float):
+                 nonlinearity: str, layer_norm_epsilon: float, qkv_bias: bool, output_bias: bool, ffn_bias: bool,
+                 dropout_rate: float, attention_dropout_rate: float, inner_dim: Optional[int] = None,
+                 qk_norm_eps: Optional[float] = None):
         super().__init__()
-        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, attention_bias, attention_bias,
-                                   attention_dropout_rate)
+        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, qkv_bias, output_bias,
+                                   attention_dropout_rate, inner_dim, qk_norm_eps)
         self.norm1 = RMSNorm(hidden_size, layer_norm_epsilon)
         self.norm3 = RMSNorm(hidden_size, layer_norm_epsilon)
         self.ffn = FeedForwardNetwork(hidden_size, [filter_size, hidden_size], [nonlinearity, None], ffn_bias)
@@ -431,7 +459,11 @@ class TextEmbeddings(nn.Module):
 
 
 class LlamaLMModel(nn.Module):
-    """Llama decoder + LM head, named as Cerebras' GPT2LMHeadModel configured Llama-style."""
+    """Llama-family decoder + LM head (Llama-2/3, Mistral, Qwen2/2.5, Qwen3), named as Cerebras' GPT2LMHeadModel
+    configured Llama-style.
+
+    use_projection_bias_in_attention: q/k/v biases (Qwen2); use_ffn_bias_in_attention: the output projection's
+    bias (ModelZoo's names). llama3_scaling: Llama-3.1 RoPE frequency scaling (rope_inverse_frequencies)."""
 
     def __init__(self, vocab_size: int = 32000, hidden_size: int = 4096, num_hidden_layers: int = 32,
                  num_heads: int = 32, num_kv_heads: Optional[int] = None, filter_size: int = 11008,
@@ -439,13 +471,18 @@ class LlamaLMModel(nn.Module):
                  rope_theta: float = 10000.0, pos_scaling_factor: float = 1.0, share_embedding_weights: bool = False,
                  use_projection_bias_in_attention: bool = False, use_ffn_bias: bool = False,
                  use_bias_in_output: bool = False, embd_pdrop: float = 0.0, dropout_rate: float = 0.0,
-                 attention_dropout_rate: float = 0.0):
+                 attention_dropout_rate: float = 0.0, use_ffn_bias_in_attention: Optional[bool] = None,
+                 attention_inner_dim: Optional[int] = None, qk_norm_eps: Optional[float] = None,
+                 llama3_scaling: Optional[dict] = None):
         super().__init__()
         self.embedding_layer = TextEmbeddings(vocab_size, hidden_size)
         self.embedding_dropout = nn.Dropout(embd_pdrop)
+        output_bias = use_projection_bias_in_attention if use_ffn_bias_in_attention is None \
+            else use_ffn_bias_in_attention
         layers = [
             LlamaDecoderLayer(hidden_size, num_heads, num_kv_heads, filter_size, nonlinearity, layer_norm_epsilon,
-                              use_projection_bias_in_attention, use_ffn_bias, dropout_rate, attention_dropout_rate)
+                              use_projection_bias_in_attention, output_bias, use_ffn_bias, dropout_rate,
+                              attention_dropout_rate, attention_inner_dim, qk_norm_eps)
             for _ in range(num_hidden_layers)
         ]
         self.transformer_decoder = TransformerStack(layers, RMSNorm(hidden_size, layer_norm_epsilon))
@@ -454,13 +491,17 @@ class LlamaLMModel(nn.Module):
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=use_bias_in_output)
         if share_embedding_weights:
             self.lm_head.weight = self.embedding_layer.word_embeddings.weight
-        self.rotary_dim = rotary_dim or hidden_size // num_heads
+        self.rotary_dim = rotary_dim or (attention_inner_dim or hidden_size) // num_heads
         self.rope_theta = rope_theta
-        self.pos_scaling_factor = pos_scaling_factor
+        self.pos_scaling_factor = pos_scaling_factor  # linear position scaling (positions divided by it)
+        self.llama3_scaling = dict(llama3_scaling) if llama3_scaling else None
         # Packed rows: "auto" = per-sample attention (PackedSegments: varlen flash attention on CUDA, bucketed
         # SDPA elsewhere) when shapes may depend on the data (GPU/CPU), else SDPA with a dense mask (fixed
         # shapes, CSX); "segments" / "sdpa" / "flex" (FlexAttention on the dense mask's blocks) force one.
         self.packed_attention = "auto"
+
+    def inverse_frequencies(self, device) -> torch.Tensor:
+        return rope_inverse_frequencies(self.rotary_dim, self.rope_theta, self.llama3_scaling, device)
 
     def compute_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding_layer.word_embeddings(input_ids)
@@ -477,7 +518,7 @@ class LlamaLMModel(nn.Module):
         b, s, _ = embeddings.shape
         if segment_ids is not None:
             return self._decode_packed(embeddings, position_ids, segment_ids, dynamic)
-        rotary = rotary_tables(s, self.rotary_dim, self.rope_theta, self.pos_scaling_factor, embeddings.device,
+        rotary = rotary_tables(s, self.inverse_frequencies(embeddings.device), self.pos_scaling_factor,
                                torch.float32)
         if key_padding_mask is None:
             attn_mask, is_causal = None, True
@@ -495,7 +536,8 @@ class LlamaLMModel(nn.Module):
 
     def _decode_packed(self, embeddings: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
                        dynamic: bool) -> torch.Tensor:
-        rotary = rotary_for_positions(position_ids, self.rotary_dim, self.rope_theta, self.pos_scaling_factor)
+        rotary = rotary_for_positions(position_ids, self.inverse_frequencies(embeddings.device),
+                                      self.pos_scaling_factor)
         impl = self.packed_attention
         if impl == "auto":
             impl = "segments" if dynamic else "sdpa"

@@ -379,6 +379,11 @@ def check_data_against_model(dataset, model_cfg, where: str) -> None:
     if msl > model_cfg.text_model.max_position_embeddings:
         errors.append(f"the data in {where} has sequence length {msl} > model.text_model.max_position_embeddings "
                       f"{model_cfg.text_model.max_position_embeddings}")
+    window = model_cfg.text_model.attention_sliding_window_length
+    if window is not None and window < msl:
+        errors.append(f"model.text_model.attention_sliding_window_length {window} is shorter than the sequence "
+                      f"length {msl} of {where}: sliding-window attention is not implemented, so use data with "
+                      f"max_seq_length <= {window}")
     vocab = (dp.get("post-process") or {}).get("vocab_size", dp.get("vocab_size"))
     if vocab is not None and int(vocab) > model_cfg.text_model.vocab_size:
         errors.append(f"the tokenizer of {where} has {vocab} tokens > model.text_model.vocab_size "
