@@ -87,6 +87,16 @@ CLIP_LAYER_KEYS = {
 }
 CLIP_HF_PREFIX, CLIP_CS_PREFIX = "vision_model.", "image_model."
 
+# HF SiglipVisionModel -> CS image model: no CLS (so no position-row move), a bias on the patch conv, no
+# pre-layernorm; the encoder layers are named as CLIP's (CLIP_LAYER_KEYS). Its pooling head is dropped.
+SIGLIP_KEYS = {
+    "embeddings.patch_embedding.weight": "embedding_layer.linear_proj.weight",
+    "embeddings.patch_embedding.bias": "embedding_layer.linear_proj.bias",
+    "embeddings.position_embedding.weight": "embedding_layer.position_embeddings.weight",
+    "post_layernorm.weight": "encoder.transformer_encoder.norm.weight",
+    "post_layernorm.bias": "encoder.transformer_encoder.norm.bias",
+}
+
 # HF LlamaForCausalLM / LLaVA-Llama -> CS text model, spec 6.4. A tuple maps one HF key to several CS keys:
 # Cerebras registers the final norm twice, so both names are written and must agree on the way back.
 LLAMA_KEYS = {
@@ -135,6 +145,7 @@ DROPPED_HF_KEYS = {
     r"text_projection\..*": "CLIP contrastive projection (unused by LLaVA)",
     r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq": "RoPE buffer of transformers<4.32, recomputed",
     r"model\.vision_tower\..*": "vision tower copy saved by LLaVA training; LLaVA reloads it from mm_vision_tower",
+    r"vision_model\.head\..*": "SigLIP's attention-pooling head (LLaVA reads the patch features, not the pooled one)",
 }
 
 # llava-hf names -> hf (LLaVA repo) names: on disk (every transformers version) and in memory (>= 4.52).
@@ -237,6 +248,9 @@ def _rules() -> list[Rule]:
     for hf, cs in clip.items():
         hf_key = CLIP_HF_PREFIX + hf
         rules.append(Rule("clip", hf_key, (CLIP_CS_PREFIX + cs,), KEY_TRANSFORMS.get(hf_key)))
+    siglip = dict(SIGLIP_KEYS, **{CLIP_LAYER[0] + hf: CLIP_LAYER[1] + cs for hf, cs in CLIP_LAYER_KEYS.items()})
+    for hf, cs in siglip.items():  # the same HF names as CLIP's: a mapper holds one of the two groups
+        rules.append(Rule("siglip", CLIP_HF_PREFIX + hf, (CLIP_CS_PREFIX + cs,), None))
     llama = dict(LLAMA_KEYS, **{LLAMA_LAYER[0] + hf: LLAMA_LAYER[1] + cs for hf, cs in LLAMA_LAYER_KEYS.items()})
     for hf, cs in llama.items():
         rules.append(Rule("llama", hf, cs if isinstance(cs, tuple) else (cs,), KEY_TRANSFORMS.get(hf)))
@@ -420,6 +434,16 @@ def cs_clip_to_hf(cs_state: Mapping) -> dict:
     return _convert_all(cs_state, KeyMapper(False, groups=("clip",)), ("clip",))
 
 
+def hf_siglip_to_cs(hf_state: Mapping) -> dict:
+    """SiglipVisionModel state dict "vision_model.*" -> "image_model.*" (the pooling head dropped)."""
+    return _convert_all(hf_state, KeyMapper(True, groups=("siglip",)), ("siglip",))
+
+
+def cs_siglip_to_hf(cs_state: Mapping) -> dict:
+    """Inverse of hf_siglip_to_cs."""
+    return _convert_all(cs_state, KeyMapper(False, groups=("siglip",)), ("siglip",))
+
+
 def hf_llama_to_cs(hf_state: Mapping, num_heads: int, num_kv_heads: Optional[int] = None) -> dict:
     """LlamaForCausalLM / LLaVA-repo text state dict ("model.*", "lm_head.weight", "model.mm_projector.{0,2}.*")
     -> "text_model.*" (q/k rows interleaved) + "projector_image_model.*" (when present)."""
@@ -433,11 +457,14 @@ def cs_llama_to_hf(cs_state: Mapping, num_heads: int, num_kv_heads: Optional[int
     return _convert_all(cs_state, mapper, ("llama",))
 
 
-def llava_hf_to_cs(hf_state: Mapping, num_heads: int, num_kv_heads: Optional[int] = None) -> dict:
+def llava_hf_to_cs(hf_state: Mapping, num_heads: int, num_kv_heads: Optional[int] = None,
+                   vision: str = "clip") -> dict:
     """llava-hf state dict (on-disk "vision_tower.vision_model.*", "multi_modal_projector.linear_{1,2}.*",
-    "language_model.model.*", "language_model.lm_head.weight", or the >=4.52 in-memory "model.*" names) -> CS."""
-    mapper = KeyMapper(True, _heads(num_heads, num_kv_heads), rename=LLAVA_HF_PREFIXES)
-    return _convert_all(hf_state, mapper, ("clip", "llama", "projector"))
+    "language_model.model.*", "language_model.lm_head.weight", or the >=4.52 in-memory "model.*" names) -> CS.
+    vision: "clip" or "siglip", the vision tower's family."""
+    groups = (vision, "llama", "projector")
+    mapper = KeyMapper(True, _heads(num_heads, num_kv_heads), groups=groups, rename=LLAVA_HF_PREFIXES)
+    return _convert_all(hf_state, mapper, groups)
 
 
 def hf_to_llava_hf_key(hf_key: str) -> str:

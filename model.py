@@ -44,7 +44,7 @@ class ImageModelConfig:
     image_size: List[int] = field(default_factory=lambda: [336, 336])  # [H, W] input resolution
     patch_size: List[int] = field(default_factory=lambda: [14, 14])  # [h, w] conv patch size
     num_channels: int = 3  # image channels
-    nonlinearity: str = "quick_gelu"  # FFN activation (CLIP uses quick_gelu)
+    nonlinearity: str = "quick_gelu"  # FFN activation (CLIP quick_gelu, SigLIP gelu_pytorch_tanh)
     layer_norm_epsilon: float = 1e-5  # LayerNorm eps
     position_embedding_type: str = "learned"  # only learned position embeddings are implemented
     use_post_embed_layer_norm: bool = True  # LayerNorm after the embeddings (CLIP pre_layrnorm)
@@ -57,7 +57,7 @@ class ImageModelConfig:
     attention_dropout_rate: float = 0.0  # attention-probability dropout
     initializer_range: float = 0.02  # std of the normal init (training from scratch only)
     norm_first: bool = True  # pre-LN blocks; post-LN is not implemented
-    prepend_cls_token: bool = True  # CLS token at index 0; required
+    prepend_cls_token: bool = True  # CLS token at index 0 (CLIP); false for SigLIP
     use_conv_patchified_embedding: bool = True  # conv patchify; required
     use_encoder_pooler_layer: bool = False  # pooler head; not implemented (LLaVA does not use it)
 
@@ -71,7 +71,7 @@ class ImageModelConfig:
                     "interpolate_position_embedding": (None, False), "stochastic_depth_drop_prob": (0.0,),
                     "layerscale_value": (None,), "use_masked_patches": (False,), "image_layer_idx": (None,),
                     "attention_type": ("scaled_dot_product",)}
-    REQUIRED_VALUES = {"position_embedding_type": "learned", "norm_first": True, "prepend_cls_token": True,
+    REQUIRED_VALUES = {"position_embedding_type": "learned", "norm_first": True,
                        "use_conv_patchified_embedding": True, "use_encoder_pooler_layer": False}
 
 
@@ -271,7 +271,7 @@ def _validate(cfg: LlavaModelConfig) -> None:
         except re.error as e:
             raise ConfigError(f"model.freeze[{i}]: {pattern!r} is not a valid regex ({e})") from None
     image_tokens = (im.image_size[0] // im.patch_size[0]) * (im.image_size[1] // im.patch_size[1])
-    image_tokens += cfg.image_feature_select_mode == "cls_patch"
+    image_tokens += cfg.image_feature_select_mode == "cls_patch" and im.prepend_cls_token
     if cfg.image_start_idx < 0 or cfg.image_start_idx + image_tokens > tm.max_position_embeddings:
         raise ConfigError(f"model.image_start_idx {cfg.image_start_idx} + {image_tokens} image tokens does not fit "
                           f"max_position_embeddings {tm.max_position_embeddings}")
@@ -333,7 +333,7 @@ def build_llava(cfg: LlavaModelConfig) -> ml.Llava:
         use_projection_bias_in_attention=im.use_projection_bias_in_attention,
         use_ffn_bias_in_attention=im.use_ffn_bias_in_attention, use_ffn_bias=im.use_ffn_bias,
         embedding_dropout_rate=im.embedding_dropout_rate, dropout_rate=im.dropout_rate,
-        attention_dropout_rate=im.attention_dropout_rate)
+        attention_dropout_rate=im.attention_dropout_rate, prepend_cls_token=im.prepend_cls_token)
     text_model = ml.LlamaLMModel(
         vocab_size=tm.vocab_size, hidden_size=tm.hidden_size, num_hidden_layers=tm.num_hidden_layers,
         num_heads=tm.num_heads, num_kv_heads=num_kv_heads(tm), filter_size=tm.filter_size,

@@ -43,6 +43,8 @@ ACTIVATIONS = {
     None: lambda x: x,
     "linear": lambda x: x,
     "gelu": F.gelu,  # exact (erf) GELU, as LLaVA's mlp2x_gelu projector
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # the same tanh approximation, under its older name
     "quick_gelu": quick_gelu,  # CLIP
     "relu": F.relu,
     "silu": F.silu,
@@ -322,27 +324,30 @@ class Attention(nn.Module):
 
 
 class ViTEmbeddings(nn.Module):
-    """Conv patchify + CLS + learned positions (CLS row stored last) + post-embedding LayerNorm."""
+    """Conv patchify + CLS (CLIP; SigLIP has none) + learned positions (CLS row stored last) + post-embedding
+    LayerNorm (CLIP's pre_layrnorm; SigLIP has none)."""
 
     def __init__(self, hidden_size: int, image_size: Sequence[int], patch_size: Sequence[int], num_channels: int,
                  use_embed_proj_bias: bool, use_post_embed_layer_norm: bool, layer_norm_epsilon: float,
-                 dropout_rate: float = 0.0):
+                 dropout_rate: float = 0.0, prepend_cls_token: bool = True):
         super().__init__()
         grid = (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
         self.num_patches = grid[0] * grid[1]
         self.linear_proj = nn.Conv2d(num_channels, hidden_size, kernel_size=tuple(patch_size),
                                      stride=tuple(patch_size), bias=use_embed_proj_bias)
-        self.cls_embedding = nn.Parameter(torch.zeros(hidden_size))
-        self.position_embeddings = nn.Embedding(self.num_patches + 1, hidden_size)
+        self.cls_embedding = nn.Parameter(torch.zeros(hidden_size)) if prepend_cls_token else None
+        self.position_embeddings = nn.Embedding(self.num_patches + prepend_cls_token, hidden_size)
         self.dropout = nn.Dropout(dropout_rate)
         self.post_embed_ln = nn.LayerNorm(hidden_size, eps=layer_norm_epsilon) if use_post_embed_layer_norm else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         patches = self.linear_proj(pixels).flatten(2).transpose(1, 2)  # [B, NP, D], row-major grid
         pos = self.position_embeddings.weight
-        patches = patches + pos[: self.num_patches]
-        cls = (self.cls_embedding + pos[self.num_patches]).expand(patches.shape[0], 1, -1)
-        x = self.dropout(torch.cat((cls.to(patches.dtype), patches), dim=1))
+        x = patches + pos[: self.num_patches]
+        if self.cls_embedding is not None:
+            cls = (self.cls_embedding + pos[self.num_patches]).expand(patches.shape[0], 1, -1)
+            x = torch.cat((cls.to(patches.dtype), x), dim=1)
+        x = self.dropout(x)
         return self.post_embed_ln(x) if self.post_embed_ln is not None else x
 
 
@@ -388,7 +393,10 @@ class ViTEncoder(nn.Module):
 
 
 class ViTModel(nn.Module):
-    """CLIP vision transformer. `extract_features(pixels, k)` returns the hidden states after layer k."""
+    """CLIP or SigLIP vision transformer. `extract_features(pixels, k)` returns the hidden states after layer k.
+
+    SigLIP: prepend_cls_token False, use_embed_proj_bias True, use_post_embed_layer_norm False, nonlinearity
+    gelu_pytorch_tanh (its attention-pooling head is not part of it: LLaVA reads the patch features)."""
 
     def __init__(self, hidden_size: int = 1024, num_hidden_layers: int = 24, num_heads: int = 16,
                  filter_size: int = 4096, image_size: Sequence[int] = (336, 336), patch_size: Sequence[int] = (14, 14),
@@ -396,10 +404,11 @@ class ViTModel(nn.Module):
                  use_embed_proj_bias: bool = False, use_post_embed_layer_norm: bool = True,
                  use_projection_bias_in_attention: bool = True, use_ffn_bias_in_attention: bool = True,
                  use_ffn_bias: bool = True, embedding_dropout_rate: float = 0.0, dropout_rate: float = 0.0,
-                 attention_dropout_rate: float = 0.0):
+                 attention_dropout_rate: float = 0.0, prepend_cls_token: bool = True):
         super().__init__()
         self.embedding_layer = ViTEmbeddings(hidden_size, image_size, patch_size, num_channels, use_embed_proj_bias,
-                                             use_post_embed_layer_norm, layer_norm_epsilon, embedding_dropout_rate)
+                                             use_post_embed_layer_norm, layer_norm_epsilon, embedding_dropout_rate,
+                                             prepend_cls_token)
         layers = [
             ViTEncoderLayer(hidden_size, num_heads, filter_size, nonlinearity, layer_norm_epsilon,
                             use_projection_bias_in_attention, use_ffn_bias_in_attention, use_ffn_bias,
@@ -412,8 +421,12 @@ class ViTModel(nn.Module):
     def num_patches(self) -> int:
         return self.embedding_layer.num_patches
 
+    @property
+    def has_cls(self) -> bool:
+        return self.embedding_layer.cls_embedding is not None
+
     def extract_features(self, pixels: torch.Tensor, layer_idx: Optional[int] = None) -> torch.Tensor:
-        """Hidden states [B, 1+NP, D] after encoder layer `layer_idx` (0-based, non-negative).
+        """Hidden states [B, 1+NP, D] (SigLIP: [B, NP, D]) after encoder layer `layer_idx` (0-based, >= 0).
 
         With layer_idx None all layers run and the final norm is applied to every token; with an index the
         final norm is skipped (LLaVA selects the penultimate layer's raw output)."""
@@ -585,14 +598,15 @@ class Llava(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        return self.image_model.num_patches + (1 if self.image_feature_select_mode == "cls_patch" else 0)
+        cls = self.image_feature_select_mode == "cls_patch" and self.image_model.has_cls
+        return self.image_model.num_patches + cls
 
     def image_features(self, image_data: torch.Tensor) -> torch.Tensor:
         """Projected image features [B, NP, H_text] (NP + 1 in cls_patch mode)."""
         weight = self.image_model.embedding_layer.linear_proj.weight
         feats = self.image_model.extract_features(image_data.to(weight.dtype), self.image_feature_select_layer_idx)
-        if self.image_feature_select_mode == "patch":
-            feats = feats[:, 1:]
+        if self.image_feature_select_mode == "patch" and self.image_model.has_cls:
+            feats = feats[:, 1:]  # a tower without CLS (SigLIP) has nothing to drop
         return self.projector_image_model(feats)
 
     def merge(self, text_embeddings: torch.Tensor, image_features: torch.Tensor,
@@ -685,7 +699,7 @@ def init_weights(module: nn.Module, initializer_range: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, RMSNorm):
             nn.init.ones_(m.weight)
-        elif isinstance(m, ViTEmbeddings):
+        elif isinstance(m, ViTEmbeddings) and m.cls_embedding is not None:
             nn.init.normal_(m.cls_embedding, std=initializer_range)
 
 

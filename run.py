@@ -410,7 +410,7 @@ def image_tokens_of(model_cfg) -> int:
     """Image tokens the model writes per image: (image_size / patch_size)^2, plus CLS in cls_patch mode."""
     im = model_cfg.image_model
     tokens = (im.image_size[0] // im.patch_size[0]) * (im.image_size[1] // im.patch_size[1])
-    return tokens + (model_cfg.image_feature_select_mode == "cls_patch")
+    return tokens + (model_cfg.image_feature_select_mode == "cls_patch" and im.prepend_cls_token)
 
 
 def make_sampler(dataset, cfg: InputConfig, model_cfg, rank: int, world_size: int, start: int,

@@ -412,12 +412,12 @@ def test_cs_checkpoint_against_a_different_config_lists_the_problems(tmp_path, c
 def test_unknown_key_in_a_shard_fails_unless_dropping_is_asked_for(tmp_path, capsys):
     src = make_hf_dir(tmp_path / "hf", projector=tiny_projector(), text_shards=1)
     state = torch.load(src / "text_model" / "pytorch_model-00001-of-00001.bin", weights_only=True)
-    state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    state["model.layers.0.self_attn.extra_scale.weight"] = torch.ones(16)
     torch.save(state, src / "text_model" / "pytorch_model-00001-of-00001.bin")
     args = ["convert", "--model", "llava", "--src-fmt", "hf", "--tgt-fmt", "cs-2.2", "--no-progress-bar",
             "--output-dir", tmp_path / "cs", src]
     assert run_cli(*args) == 1
-    assert "model.layers.0.self_attn.q_norm.weight" in capsys.readouterr().err
+    assert "model.layers.0.self_attn.extra_scale.weight" in capsys.readouterr().err
     assert run_cli(*args, "--drop-unmatched-keys") == 0
     assert "Dropping 1 unmatched key(s)" in capsys.readouterr().err
 

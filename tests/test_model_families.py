@@ -140,3 +140,90 @@ def test_a_sliding_window_shorter_than_the_data_is_refused():
     with pytest.raises(SystemExit, match=r"attention_sliding_window_length 32 is shorter than the sequence length 64"):
         run.check_data_against_model(long, cfg, "data/h5")
     run.check_data_against_model(SimpleNamespace(data_params=None, max_sequence_length=32), cfg, "data/h5")
+
+
+# ----------------------------------------------------------------------------------------------
+# SigLIP vision towers, and whole LLaVA models with the new towers and LMs
+
+from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,  # noqa: E402
+                          SiglipVisionConfig, SiglipVisionModel)
+
+import modeling_llava as ml  # noqa: E402
+
+SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+              patch_size=7, layer_norm_eps=1e-6, vision_use_head=False)
+SIGLIP_OURS = dict(hidden_size=32, num_hidden_layers=3, num_heads=4, filter_size=64, image_size=[28, 28],
+                   patch_size=[7, 7], prepend_cls_token=False, use_embed_proj_bias=True,
+                   use_post_embed_layer_norm=False, nonlinearity="gelu_pytorch_tanh", layer_norm_epsilon=1e-6)
+
+
+def test_vit_matches_siglip_vision_model_at_every_layer():
+    torch.manual_seed(0)
+    hf = SiglipVisionModel(SiglipVisionConfig(**SIGLIP)).eval()
+    randomize_(hf)
+    vit = ml.ViTModel(**{**SIGLIP_OURS, "image_size": (28, 28), "patch_size": (7, 7)}).eval()
+    cs = cc.hf_siglip_to_cs(hf.state_dict())
+    vit.load_state_dict({k.removeprefix("image_model."): v for k, v in cs.items()})
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        out = hf(pixel_values=pixels, output_hidden_states=True)
+        for layer in range(3):
+            assert (vit.extract_features(pixels, layer) - out.hidden_states[layer + 1]).abs().max() <= TOL, layer
+        assert (vit.extract_features(pixels, None) - out.last_hidden_state).abs().max() <= TOL
+    assert vit.num_patches == 16 and not vit.has_cls
+    back = cc.cs_siglip_to_hf(cs)
+    assert back.keys() == hf.state_dict().keys() and all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
+
+
+def test_siglip_so400m_parameter_count_equals_transformers():
+    config = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                num_attention_heads=16, image_size=384, patch_size=14, vision_use_head=False)
+    with torch.device("meta"):
+        hf = SiglipVisionModel(config)
+        ours = ml.ViTModel(hidden_size=1152, num_hidden_layers=27, num_heads=16, filter_size=4304,
+                           image_size=(384, 384), patch_size=(14, 14), prepend_cls_token=False,
+                           use_embed_proj_bias=True, use_post_embed_layer_norm=False,
+                           nonlinearity="gelu_pytorch_tanh")
+    assert ours.num_patches == 729  # 384 / 14 = 27 per side
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
+
+
+def llava_pair(vision: str, text_family: str):
+    """(transformers LlavaForConditionalGeneration, our LlavaModel) with the same random weights."""
+    _, text_config, text = FAMILIES[text_family]
+    image_token = 127
+    if vision == "siglip":
+        vision_config, image = SiglipVisionConfig(**SIGLIP), dict(SIGLIP_OURS)
+        strategy, hf_layer, our_layer = "full", -1, -1
+    else:
+        vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, image_size=28, patch_size=7, hidden_act="quick_gelu")
+        image = dict(hidden_size=32, num_hidden_layers=3, num_heads=4, filter_size=64, image_size=[28, 28],
+                     patch_size=[7, 7])
+        strategy, hf_layer, our_layer = "default", -2, -2
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=image_token,
+                         vision_feature_layer=hf_layer, vision_feature_select_strategy=strategy,
+                         projector_hidden_act="gelu", image_seq_length=16)
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(config).eval()
+    randomize_(hf)
+    section = {"image_model": image, "text_model": text, "image_feature_select_layer_idx": our_layer,
+               "image_start_idx": 3,
+               "projector": {"image_model": dict(input_unit=32, layers_units=[64, 64],
+                                                 layers_activation=["gelu", None])}}
+    ours = M.LlavaModel(section).eval()
+    ours.model.load_state_dict(cc.llava_hf_to_cs(hf.state_dict(), num_heads=4, num_kv_heads=2, vision=vision))
+    return hf, ours, image_token
+
+
+@pytest.mark.parametrize("vision,text_family", [("siglip", "qwen2"), ("clip", "llama3"), ("siglip", "qwen3")])
+def test_full_model_matches_llava_for_conditional_generation(vision, text_family):
+    hf, ours, image_token = llava_pair(vision, text_family)
+    start, seq = 3, 40
+    ids = torch.randint(1, image_token, (2, seq), dtype=torch.int32)
+    hf_ids = ids.clone().long()
+    hf_ids[:, start:start + 16] = image_token
+    pixels = torch.randn(2, 3, 28, 28)
+    batch = {"image_data": pixels, "text_input_ids": ids, "key_padding_mask": torch.zeros_like(ids)}
+    with torch.no_grad():
+        assert (ours.logits(batch) - hf(input_ids=hf_ids, pixel_values=pixels).logits).abs().max() <= TOL

@@ -84,7 +84,7 @@ def test_modelzoo_converted_yaml_is_accepted_and_builds_the_same_model(version):
 @pytest.mark.parametrize("section, key, value", [
     ("text_model", "embedding_layer_norm", True),
     ("text_model", "use_ff_layer1_dropout", True),
-    ("text_model", "attention_inner_dim", 64),
+    ("text_model", "attention_logit_softcapping", 30.0),
     ("image_model", "use_bias_in_output", True),
     (None, "label_smoothing", 0.1),
     (None, "z_loss_eps", 1.0e-4),
