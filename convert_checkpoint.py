@@ -508,6 +508,7 @@ HF_CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_l
                     "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
                     "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "attention_dropout": 0.0,
                     "initializer_range": 0.02}
+HF_SIGLIP_DEFAULTS = {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "patch_size": 16}
 HF_LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
                      "max_position_embeddings": 2048, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
@@ -530,6 +531,7 @@ CS_VIT_FIXED = {"position_embedding_type": "learned", "embedding_dropout_rate": 
                 "dropout_rate": 0.0, "use_projection_bias_in_attention": True, "use_ffn_bias_in_attention": True,
                 "use_ffn_bias": True, "norm_first": True, "use_conv_patchified_embedding": True,
                 "use_encoder_pooler_layer": False, "prepend_cls_token": True}
+CS_SIGLIP_FIXED = {"use_post_embed_layer_norm": False, "use_embed_proj_bias": True, "prepend_cls_token": False}
 CS_LLAMA_FIXED = {"position_embedding_type": "rotary", "embd_pdrop": 0.0, "dropout_rate": 0.0, "norm_type": "rmsnorm",
                   "attention_type": "scaled_dot_product", "use_projection_bias_in_attention": False,
                   "use_ffn_bias_in_attention": False, "nonlinearity": "swiglu", "use_ffn_bias": False,
@@ -589,14 +591,29 @@ def _select_layer_to_hf(idx) -> int:
     return idx if idx < 0 else idx + 1
 
 
-def hf_clip_config_to_cs(vision: Mapping) -> dict:
-    """CLIPVisionConfig (or a CLIPModel config with `vision_config`) -> CS `image_model` section."""
-    # A CLIPModel config nests the vision part (older files spell it vision_config_dict).
+def vision_family_of_config(vision: Mapping) -> str:
+    """"siglip" for a SiglipVisionConfig (or a SiglipConfig), else "clip": which key table the weights use."""
     vision = vision.get("vision_config") or vision.get("vision_config_dict") or vision
-    c = {**HF_CLIP_DEFAULTS, **{k: v for k, v in vision.items() if v is not None}}
-    if c["hidden_act"] not in ("quick_gelu", "gelu"):
-        raise ConversionError(f"CLIP hidden_act {c['hidden_act']!r} is not supported; use quick_gelu or gelu")
-    out = dict(CS_VIT_FIXED)
+    return "siglip" if "siglip" in str(vision.get("model_type", "")) else "clip"
+
+
+def vision_family(cfg) -> str:
+    """The tower family of a parsed CS config: SigLIP has no CLS token."""
+    return "clip" if cfg.image_model.prepend_cls_token else "siglip"
+
+
+def hf_clip_config_to_cs(vision: Mapping) -> dict:
+    """CLIPVisionConfig or SiglipVisionConfig (or a CLIPModel / SiglipModel config with `vision_config`) -> CS
+    `image_model` section."""
+    # A CLIPModel config nests the vision part (older files spell it vision_config_dict).
+    family = vision_family_of_config(vision)
+    vision = vision.get("vision_config") or vision.get("vision_config_dict") or vision
+    c = {**HF_CLIP_DEFAULTS, **(HF_SIGLIP_DEFAULTS if family == "siglip" else {}),
+         **{k: v for k, v in vision.items() if v is not None}}
+    acts = ("gelu_pytorch_tanh", "gelu_new") if family == "siglip" else ("quick_gelu", "gelu")
+    if c["hidden_act"] not in acts:
+        raise ConversionError(f"{family} hidden_act {c['hidden_act']!r} is not supported; use one of {acts}")
+    out = dict(CS_VIT_FIXED, **(CS_SIGLIP_FIXED if family == "siglip" else {}))
     out.update(name="ViTModel", hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
                layer_norm_epsilon=c["layer_norm_eps"], num_heads=c["num_attention_heads"],
                filter_size=c["intermediate_size"], nonlinearity=c["hidden_act"],
@@ -607,31 +624,79 @@ def hf_clip_config_to_cs(vision: Mapping) -> dict:
     return _ordered(out, CS_VIT_ORDER)
 
 
+# Text families: HF model_type -> family; family -> (HF architecture, model_type) and the LLaVA-repo class that
+# wraps it (LLaVA-1.5 has LlavaLlama / LlavaMistral; LLaVA-NeXT adds LlavaQwen; Qwen3 follows its naming).
+TEXT_FAMILIES = {"llama": "llama", "llava": "llama", "llava_llama": "llama", "mistral": "mistral",
+                 "llava_mistral": "mistral", "qwen2": "qwen2", "llava_qwen": "qwen2", "qwen3": "qwen3",
+                 "llava_qwen3": "qwen3"}
+HF_TEXT_CLASSES = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
+                   "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+LLAVA_REPO_CLASSES = {"llama": ("LlavaLlamaForCausalLM", "llava"), "mistral": ("LlavaMistralForCausalLM", "llava_mistral"),
+                      "qwen2": ("LlavaQwenForCausalLM", "llava_qwen"), "qwen3": ("LlavaQwen3ForCausalLM", "llava_qwen3")}
+
+
+def text_family_of_config(text: Mapping) -> str:
+    model_type = str(text.get("model_type") or "llama")
+    if model_type not in TEXT_FAMILIES:
+        raise ConversionError(f"text model_type {model_type!r} is not supported; supported: "
+                              f"{sorted(set(TEXT_FAMILIES))}")
+    return TEXT_FAMILIES[model_type]
+
+
+def text_family(cfg) -> str:
+    """The HF family a parsed CS text model converts to: its options decide (Qwen3: q/k norm; Qwen2: q/k/v
+    biases only; Mistral: a sliding window; else Llama)."""
+    tm = cfg.text_model
+    if tm.attention_qk_norm_layer:
+        return "qwen3"
+    if tm.use_projection_bias_in_attention and not tm.use_ffn_bias_in_attention:
+        return "qwen2"
+    return "mistral" if tm.attention_sliding_window_length else "llama"
+
+
+def _rope_scaling_to_cs(scaling: Optional[Mapping]) -> dict:
+    import model as M
+
+    if not scaling:
+        return {"pos_scaling_factor": 1.0}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return {"pos_scaling_factor": float(scaling["factor"])}
+    if kind == "llama3":
+        return {"pos_scaling_type": "llama3", "pos_scaling_factor": float(scaling["factor"]),
+                "pos_scaling_extra_args": {k: scaling[k] for k in M.LLAMA3_SCALING_KEYS}}
+    raise ConversionError(f"rope_scaling {dict(scaling)}: only linear and llama3 scaling are supported")
+
+
 def hf_llama_config_to_cs(text: Mapping) -> dict:
-    """LlamaConfig fields (a LLaVA config.json or llava-hf text_config) -> CS `text_model` section."""
+    """The text fields of an HF config (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config; a LLaVA
+    config.json or a llava-hf text_config) -> CS `text_model` section."""
+    family = text_family_of_config(text)
     c = {**HF_LLAMA_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k == "rope_scaling"}}
     heads, kv = c["num_attention_heads"], c["num_key_value_heads"] or c["num_attention_heads"]
     if c["hidden_act"] != "silu":
-        raise ConversionError(f"text hidden_act {c['hidden_act']!r}: only silu (SwiGLU Llama) is supported")
-    if c["attention_bias"] or c["mlp_bias"]:
-        raise ConversionError("text attention_bias/mlp_bias true is not supported (Llama has no biases)")
-    if c.get("head_dim") not in (None, c["hidden_size"] // heads):
-        raise ConversionError(f"text head_dim {c['head_dim']} != hidden_size/num_attention_heads "
-                              f"({c['hidden_size'] // heads}); not supported")
-    scaling = c["rope_scaling"]
-    factor = 1.0
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "linear":
-            raise ConversionError(f"rope_scaling {scaling}: only linear scaling maps to pos_scaling_factor")
-        factor = float(scaling["factor"])
+        raise ConversionError(f"text hidden_act {c['hidden_act']!r}: only silu (SwiGLU) is supported")
+    if c["mlp_bias"]:
+        raise ConversionError("text mlp_bias true is not supported (the Llama family has no MLP biases)")
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
     out = dict(CS_LLAMA_FIXED)
     out.update(name="LlamaModel", vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-               rotary_dim=c["hidden_size"] // heads, share_embedding_weights=bool(c["tie_word_embeddings"]),
+               rotary_dim=head_dim, share_embedding_weights=bool(c["tie_word_embeddings"]),
                max_position_embeddings=c["max_position_embeddings"], num_hidden_layers=c["num_hidden_layers"],
                layer_norm_epsilon=c["rms_norm_eps"], num_heads=heads, attention_dropout_rate=c["attention_dropout"],
-               filter_size=c["intermediate_size"], rope_theta=float(c["rope_theta"]), pos_scaling_factor=factor,
-               initializer_range=c["initializer_range"])
+               filter_size=c["intermediate_size"], rope_theta=float(c["rope_theta"]),
+               initializer_range=c["initializer_range"], **_rope_scaling_to_cs(c["rope_scaling"]))
+    if family == "qwen2":  # biases on q/k/v, none on the output projection
+        out.update(use_projection_bias_in_attention=True, use_ffn_bias_in_attention=False)
+    elif c["attention_bias"]:
+        out.update(use_projection_bias_in_attention=True, use_ffn_bias_in_attention=True)
+    if head_dim * heads != c["hidden_size"]:
+        out["attention_inner_dim"] = head_dim * heads
+    if family == "qwen3":
+        out.update(attention_qk_norm_layer="rmsnorm", attention_qk_norm_eps=c["rms_norm_eps"])
+    window = c.get("sliding_window") if (family == "mistral" or c.get("use_sliding_window")) else None
+    if window:
+        out["attention_sliding_window_length"] = int(window)
     if kv != heads:  # grouped-query attention, in Cerebras' spelling
         out.update(attention_module="multiquery_attention", extra_attention_params={"num_kv_groups": kv})
     return _ordered(out, CS_LLAMA_ORDER)
@@ -721,6 +786,25 @@ def _projector_layers(cfg) -> int:
     return n
 
 
+def cs_to_hf_siglip_config(cfg, dtype: str = "float32") -> dict:
+    """CS image_model without CLS -> SiglipVisionConfig dict (no pooling head) for image_model/config.json."""
+    im = cfg.image_model
+    if not im.use_embed_proj_bias or im.use_post_embed_layer_norm or not im.use_ffn_bias:
+        raise ConversionError("model.image_model: HF SigLIP needs use_embed_proj_bias true, use_post_embed_layer_norm "
+                              "false and use_ffn_bias true")
+    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+            "hidden_size": im.hidden_size, "intermediate_size": im.filter_size,
+            "num_hidden_layers": im.num_hidden_layers, "num_attention_heads": im.num_heads,
+            "num_channels": im.num_channels, "image_size": _square(im.image_size, "model.image_model.image_size"),
+            "patch_size": _square(im.patch_size, "model.image_model.patch_size"), "hidden_act": im.nonlinearity,
+            "layer_norm_eps": im.layer_norm_epsilon, "attention_dropout": im.attention_dropout_rate,
+            "vision_use_head": False, "torch_dtype": dtype}
+
+
+def cs_to_hf_vision_config(cfg, dtype: str = "float32") -> dict:
+    return cs_to_hf_clip_config(cfg, dtype) if vision_family(cfg) == "clip" else cs_to_hf_siglip_config(cfg, dtype)
+
+
 def cs_to_hf_clip_config(cfg, dtype: str = "float32") -> dict:
     """CS image_model -> CLIPVisionConfig dict for image_model/config.json."""
     im = cfg.image_model
@@ -737,25 +821,44 @@ def cs_to_hf_clip_config(cfg, dtype: str = "float32") -> dict:
             "torch_dtype": dtype}
 
 
+def _rope_scaling_to_hf(tm) -> Optional[dict]:
+    if tm.pos_scaling_type == "llama3":
+        return {"rope_type": "llama3", "factor": tm.pos_scaling_factor, **tm.pos_scaling_extra_args}
+    return None if tm.pos_scaling_factor == 1.0 else {"type": "linear", "factor": tm.pos_scaling_factor}
+
+
 def cs_to_hf_llama_config(cfg, dtype: str = "float32") -> dict:
-    """CS text_model -> the Llama fields of a LlamaConfig."""
+    """CS text_model -> the text fields of the HF config of its family (text_family): Llama, Mistral, Qwen2 or
+    Qwen3, with model_type (the LLaVA-repo layout replaces it with its own class)."""
     tm = cfg.text_model
-    head_dim = tm.hidden_size // tm.num_heads
+    family = text_family(cfg)
+    head_dim = (tm.attention_inner_dim or tm.hidden_size) // tm.num_heads
     if tm.rotary_dim not in (None, head_dim):
         raise ConversionError(f"model.text_model.rotary_dim {tm.rotary_dim} != head size {head_dim}: HF Llama "
                               "rotates whole heads")
-    if tm.use_projection_bias_in_attention or tm.use_ffn_bias or tm.use_bias_in_output:
-        raise ConversionError("model.text_model: biases are not supported by the HF Llama conversion")
-    return {"vocab_size": tm.vocab_size, "hidden_size": tm.hidden_size, "intermediate_size": tm.filter_size,
-            "num_hidden_layers": tm.num_hidden_layers, "num_attention_heads": tm.num_heads,
-            "num_key_value_heads": num_kv_heads_of(cfg), "hidden_act": "silu",
-            "max_position_embeddings": tm.max_position_embeddings, "rms_norm_eps": tm.layer_norm_epsilon,
-            "initializer_range": tm.initializer_range, "tie_word_embeddings": tm.share_embedding_weights,
-            "rope_theta": tm.rope_theta,
-            "rope_scaling": None if tm.pos_scaling_factor == 1.0 else {"type": "linear",
-                                                                       "factor": tm.pos_scaling_factor},
-            "attention_dropout": tm.attention_dropout_rate, "attention_bias": False, "mlp_bias": False,
-            "torch_dtype": dtype}
+    if tm.use_ffn_bias or tm.use_bias_in_output:
+        raise ConversionError("model.text_model: use_ffn_bias / use_bias_in_output are not supported by the HF "
+                              "Llama-family conversion")
+    if family != "qwen2" and tm.use_projection_bias_in_attention != tm.use_ffn_bias_in_attention:
+        raise ConversionError("model.text_model: q/k/v biases without an output bias exist only in Qwen2; set "
+                              "use_projection_bias_in_attention and use_ffn_bias_in_attention alike")
+    out = {"architectures": [HF_TEXT_CLASSES[family][0]], "model_type": HF_TEXT_CLASSES[family][1],
+           "vocab_size": tm.vocab_size, "hidden_size": tm.hidden_size, "intermediate_size": tm.filter_size,
+           "num_hidden_layers": tm.num_hidden_layers, "num_attention_heads": tm.num_heads,
+           "num_key_value_heads": num_kv_heads_of(cfg), "hidden_act": "silu",
+           "max_position_embeddings": tm.max_position_embeddings, "rms_norm_eps": tm.layer_norm_epsilon,
+           "initializer_range": tm.initializer_range, "tie_word_embeddings": tm.share_embedding_weights,
+           "rope_theta": tm.rope_theta, "rope_scaling": _rope_scaling_to_hf(tm),
+           "attention_dropout": tm.attention_dropout_rate, "torch_dtype": dtype}
+    if family in ("llama", "qwen3"):
+        out.update(attention_bias=tm.use_projection_bias_in_attention, mlp_bias=False)
+    if family in ("qwen3",) or tm.attention_inner_dim:
+        out["head_dim"] = head_dim
+    if family == "mistral":
+        out["sliding_window"] = tm.attention_sliding_window_length
+    if family == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None)
+    return out
 
 
 def cs_to_hf_text_config(cfg, vision_tower: str, dtype: str = "float32") -> dict:
@@ -763,7 +866,8 @@ def cs_to_hf_text_config(cfg, vision_tower: str, dtype: str = "float32") -> dict
     text = cs_to_hf_llama_config(cfg, dtype)
     layers = _projector_layers(cfg)
     tune_adapter = any("text_model" in p for p in (cfg.freeze or []))
-    llava = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "bos_token_id": 1,
+    architecture, model_type = LLAVA_REPO_CLASSES[text_family(cfg)]
+    llava = {"architectures": [architecture], "model_type": model_type, "bos_token_id": 1,
              "eos_token_id": 2, "pad_token_id": 0, "use_cache": True,
              "mm_vision_tower": vision_tower, "mm_hidden_size": cfg.image_model.hidden_size,
              "mm_projector_type": f"mlp{layers}x_gelu",
@@ -773,7 +877,7 @@ def cs_to_hf_text_config(cfg, vision_tower: str, dtype: str = "float32") -> dict
              "image_aspect_ratio": "pad", "use_mm_proj": True, "tune_mm_mlp_adapter": tune_adapter,
              "freeze_mm_mlp_adapter": False, "tune_mm_vision_resampler": False, "freeze_mm_vision_resampler": False,
              "unfreeze_mm_vision_tower": False}
-    return {**llava, **text}
+    return {**text, **llava}
 
 
 def cs_to_llava_hf_config(cfg, image_token_index: int, pad_token_id: Optional[int], dtype: str = "float32") -> dict:
@@ -782,9 +886,9 @@ def cs_to_llava_hf_config(cfg, image_token_index: int, pad_token_id: Optional[in
         raise ConversionError("llava-hf has a 2-layer projector (linear_1, gelu, linear_2); this config has "
                               f"{len(cfg.projector.layers_units)} layers")
     strategy = {v: k for k, v in LLAVA_HF_STRATEGIES.items()}[cfg.image_feature_select_mode]
-    vision = cs_to_hf_clip_config(cfg, dtype)
+    vision = cs_to_hf_vision_config(cfg, dtype)
     vision.pop("architectures")
-    text = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **cs_to_hf_llama_config(cfg, dtype)}
+    text = cs_to_hf_llama_config(cfg, dtype)
     num_patches = ((cfg.image_model.image_size[0] // cfg.image_model.patch_size[0])
                    * (cfg.image_model.image_size[1] // cfg.image_model.patch_size[1]))
     return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
@@ -1347,9 +1451,10 @@ def convert_hf_to_cs(checkpoint: Path, config_dir: Path, out_dir: Path, tgt_fmt:
     config = f"{config_dir}/{{image_model,text_model}}/config.json"
     heads = Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg))
     out: dict = {}
-    image = KeyMapper(True, groups=("clip",), strict=opts.strict)
+    family = vision_family(cfg)
+    image = KeyMapper(True, groups=(family,), strict=opts.strict)
     _stream_into(out, image_files, image, expected, config, opts, "image_model")
-    image.finish(("clip",))
+    image.finish((family,))
     text = KeyMapper(True, heads, groups=("llama", "projector"), strict=opts.strict)
     _stream_into(out, text_files, text, expected, config, opts, "text_model")
     projector_file = checkpoint / "text_model" / "mm_projector.bin"  # LLaVA stage-1 output beside the weights
@@ -1390,11 +1495,12 @@ def convert_llava_hf_to_cs(checkpoint: Path, config: Path, out_dir: Path, tgt_fm
     model_section = llava_hf_config_to_cs(hf_config)
     cfg = parse_cs_config(model_section)
     expected = expected_cs_shapes(cfg)
-    mapper = KeyMapper(True, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)), rename=LLAVA_HF_PREFIXES,
-                       strict=opts.strict)
+    groups = (vision_family(cfg), "llama", "projector")
+    mapper = KeyMapper(True, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)), groups=groups,
+                       rename=LLAVA_HF_PREFIXES, strict=opts.strict)
     out: dict = {}
     _stream_into(out, files, mapper, expected, str(config_path), opts, "llava-hf")
-    mapper.finish(("clip", "llama", "projector"))
+    mapper.finish(groups)
     out = _finish_cs(out, cfg, expected, str(config_path))
     return _write_cs(out, model_section, Path(out_dir), tgt_fmt)
 
@@ -1479,13 +1585,14 @@ def convert_cs_to_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, op
     writers = {"image": ShardedWriter(image_dir, opts.shard_bytes, opts.safetensors),
                "text": ShardedWriter(text_dir, opts.shard_bytes, opts.safetensors)}
     # Configs first: they validate that the CS model is expressible in the LLaVA repo's terms.
-    clip_config = cs_to_hf_clip_config(cfg, dtype)
+    clip_config = cs_to_hf_vision_config(cfg, dtype)
     text_config = cs_to_hf_text_config(cfg, opts.vision_tower or str(image_dir.resolve()), dtype)
-    mapper = KeyMapper(False, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)))
+    groups = (vision_family(cfg), "llama", "projector")
+    mapper = KeyMapper(False, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)), groups=groups)
     for key, tensor in _cs_tensors(state, expected, cfg, opts.progress, "cs -> hf"):
         for hf_key, value in mapper.convert(key, tensor):
             writers["image" if hf_key.startswith(CLIP_HF_PREFIX) else "text"].add(hf_key, _cast(value, opts.dtype))
-    mapper.finish(("clip", "llama", "projector"))
+    mapper.finish(groups)
     written = writers["image"].close() + writers["text"].close()
     _write_json(image_dir / "config.json", clip_config)
     _write_json(image_dir / "preprocessor_config.json", preprocessor_config(cfg))
@@ -1578,13 +1685,14 @@ def convert_cs_to_llava_hf(checkpoint: Path, config: Optional[Path], out_dir: Pa
     out_dir = Path(out_dir)
     # Always safetensors: transformers' own format, and on torch < 2.6 (the Cerebras environment) it refuses .bin.
     writer = ShardedWriter(out_dir, opts.shard_bytes, safetensors=True)
-    mapper = KeyMapper(False, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)))
+    groups = (vision_family(cfg), "llama", "projector")
+    mapper = KeyMapper(False, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)), groups=groups)
     for key, tensor in _cs_tensors(state, expected, cfg, opts.progress, "cs -> llava-hf"):
         for hf_key, value in mapper.convert(key, tensor):
             if hf_key in ("model.embed_tokens.weight", "lm_head.weight"):
                 value = grow_rows(value, rows)
             writer.add(hf_to_llava_hf_key(hf_key), _cast(value, opts.dtype))
-    mapper.finish(("clip", "llama", "projector"))
+    mapper.finish(groups)
     written = writer.close()
     _write_json(out_dir / "config.json", hf_config)
     size = _square(cfg.image_model.image_size, "model.image_model.image_size")
@@ -1746,7 +1854,7 @@ def _write_configs(pair: tuple, src: Path, out: Path, tgt_fmt: str, vision_tower
         (out / "text_model").mkdir()
         written = [out / "image_model" / "config.json", out / "image_model" / "preprocessor_config.json",
                    out / "text_model" / "config.json"]
-        _write_json(written[0], cs_to_hf_clip_config(cfg))
+        _write_json(written[0], cs_to_hf_vision_config(cfg))
         _write_json(written[1], preprocessor_config(cfg))
         _write_json(written[2], cs_to_hf_text_config(cfg, vision_tower))
         return written
