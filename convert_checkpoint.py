@@ -786,18 +786,22 @@ def _projector_layers(cfg) -> int:
     return n
 
 
+def _hf_vit_fields(im) -> dict:
+    """The fields CLIPVisionConfig and SiglipVisionConfig share, from a CS image_model."""
+    return {"hidden_size": im.hidden_size, "intermediate_size": im.filter_size,
+            "num_hidden_layers": im.num_hidden_layers, "num_attention_heads": im.num_heads,
+            "num_channels": im.num_channels, "image_size": _square(im.image_size, "model.image_model.image_size"),
+            "patch_size": _square(im.patch_size, "model.image_model.patch_size"), "hidden_act": im.nonlinearity,
+            "layer_norm_eps": im.layer_norm_epsilon, "attention_dropout": im.attention_dropout_rate}
+
+
 def cs_to_hf_siglip_config(cfg, dtype: str = "float32") -> dict:
     """CS image_model without CLS -> SiglipVisionConfig dict (no pooling head) for image_model/config.json."""
     im = cfg.image_model
     if not im.use_embed_proj_bias or im.use_post_embed_layer_norm or not im.use_ffn_bias:
         raise ConversionError("model.image_model: HF SigLIP needs use_embed_proj_bias true, use_post_embed_layer_norm "
                               "false and use_ffn_bias true")
-    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
-            "hidden_size": im.hidden_size, "intermediate_size": im.filter_size,
-            "num_hidden_layers": im.num_hidden_layers, "num_attention_heads": im.num_heads,
-            "num_channels": im.num_channels, "image_size": _square(im.image_size, "model.image_model.image_size"),
-            "patch_size": _square(im.patch_size, "model.image_model.patch_size"), "hidden_act": im.nonlinearity,
-            "layer_norm_eps": im.layer_norm_epsilon, "attention_dropout": im.attention_dropout_rate,
+    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model", **_hf_vit_fields(im),
             "vision_use_head": False, "torch_dtype": dtype}
 
 
@@ -811,14 +815,9 @@ def cs_to_hf_clip_config(cfg, dtype: str = "float32") -> dict:
     if im.use_embed_proj_bias or not im.use_post_embed_layer_norm or not im.use_ffn_bias:
         raise ConversionError("model.image_model: HF CLIP needs use_embed_proj_bias false, use_post_embed_layer_norm "
                               "true and use_ffn_bias true")
-    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
-            "hidden_size": im.hidden_size, "intermediate_size": im.filter_size,
-            "num_hidden_layers": im.num_hidden_layers, "num_attention_heads": im.num_heads,
-            "num_channels": im.num_channels, "image_size": _square(im.image_size, "model.image_model.image_size"),
-            "patch_size": _square(im.patch_size, "model.image_model.patch_size"), "hidden_act": im.nonlinearity,
-            "layer_norm_eps": im.layer_norm_epsilon, "attention_dropout": im.attention_dropout_rate, "dropout": 0.0,
-            "initializer_range": im.initializer_range, "initializer_factor": 1.0, "projection_dim": 768,
-            "torch_dtype": dtype}
+    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **_hf_vit_fields(im),
+            "dropout": 0.0, "initializer_range": im.initializer_range, "initializer_factor": 1.0,
+            "projection_dim": 768, "torch_dtype": dtype}
 
 
 def _rope_scaling_to_hf(tm) -> Optional[dict]:

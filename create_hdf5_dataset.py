@@ -1808,17 +1808,21 @@ def _row_lengths_of_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(attended tokens per row, row has an image) of one H5 file, read in slabs of whole chunks."""
     import h5py
 
-    with h5py.File(path, "r") as f:
-        data, n = f["data"], f["data"].shape[0]
-        tokens = np.empty(n, np.int32)
-        for a in range(0, n, 512):
-            tokens[a:a + 512] = (data[a:a + 512, 3, :] == 0).sum(axis=1)
-        paths = f["img_path"][:, 0]
+    try:
+        with h5py.File(path, "r") as f:
+            data, n = f["data"], f["data"].shape[0]
+            tokens = np.empty(n, np.int32)
+            for a in range(0, n, 512):
+                tokens[a:a + 512] = (data[a:a + 512, 3, :] == 0).sum(axis=1)
+            paths = f["img_path"][:, 0]
+    except OSError as e:  # a damaged compressed chunk
+        raise DatasetError(f"{path}: cannot be read for the packing index ({e}); the file is corrupt: copy it "
+                           f"again or regenerate the dataset with create_hdf5_dataset.py") from None
     has_image = np.array([p not in (b"None", "None") for p in paths], dtype=bool)
     return tokens, has_image
 
 
-def _cached_index_path(folder: Path) -> list[Path]:
+def _pack_index_candidates(folder: Path) -> list[Path]:
     import hashlib
 
     digest = hashlib.sha256(str(folder.resolve()).encode("utf-8")).hexdigest()[:16]
@@ -1863,7 +1867,7 @@ def pack_index(files: list[str], progress: bool = True, workers: int | None = No
     tokens, has_image = [], []
     for folder, members in by_folder.items():
         key = _pack_index_key(members)
-        candidates = _cached_index_path(folder)
+        candidates = _pack_index_candidates(folder)
         found = _load_pack_index(candidates, key)
         if found is None:
             found = _compute_pack_index(members, progress, workers)

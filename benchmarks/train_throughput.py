@@ -67,7 +67,7 @@ def main():
         times = []
         for i, batch in enumerate(batches):
             t0 = time.perf_counter()
-            loss, _, _ = run.train_step(rt, llava, optimizer, [batch], llava.config, args.batch, 1.0,
+            loss, _, _, _ = run.train_step(rt, llava, optimizer, [batch], llava.config, 1.0,
                                         min_len if trim else None)
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t0)
