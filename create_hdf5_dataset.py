@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import difflib
 import gzip
+import itertools
 import json
 import os
 import re
@@ -70,6 +71,35 @@ PROMPT_STYLES: dict[str, tuple[str, str, str]] = {
     "mistral_instruct": ("", "USER:", "ASSISTANT:"),
 }
 
+# dataset.system_prompt_style values that lay phase 2 out with a Jinja chat template instead of a PROMPT_STYLES row.
+# "chat_template" uses the tokenizer's own (tokenizer_config.json `chat_template`); the short names use the family's
+# template below, for tokenizers that ship none. These are our own minimal renderings of each family's documented
+# format (strings only, no tools): Llama-3 headers and <|eot_id|>; ChatML with Qwen2's default system prompt;
+# Mistral [INST] ... [/INST] answer</s>.
+CHAT_TEMPLATES: dict[str, str] = {
+    "llama3": ("{{- bos_token -}}"
+               "{%- for message in messages -%}"
+               "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+               " + '<|eot_id|>' -}}"
+               "{%- endfor -%}"
+               "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+               "{%- endif -%}"),
+    "qwen2": ("{%- if messages[0]['role'] != 'system' -%}"
+              "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+              "{%- endif -%}"
+              "{%- for message in messages -%}"
+              "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+              "{%- endfor -%}"
+              "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"),
+    "mistral": ("{{- bos_token -}}"
+                "{%- for message in messages -%}"
+                "{%- if message['role'] == 'user' -%}{{- '[INST] ' + message['content'] + ' [/INST]' -}}"
+                "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
+                "{%- endif -%}"
+                "{%- endfor -%}"),
+}
+CHAT_TEMPLATE_STYLES = ("chat_template", *CHAT_TEMPLATES)
+
 # `from` value of a conversation turn -> role. A "system" turn is only accepted as the first turn.
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -88,6 +118,11 @@ SKIP_REASONS = {
     "missing_image": "the image file does not exist under dataset.image_dir",
     "unreadable_image": "the image file is not an image PIL can open (dataset.check_images: true)",
     "too_long": "even the first turn does not fit in max_seq_length",
+    "template_error": "the chat template raised an error for the record (e.g. it refuses its roles)",
+    "template_mismatch": "the chat template rendered the record's text differently from its turns (changed text, "
+                         "or a different text before the image)",
+    "tokenization_mismatch": "a turn boundary falls inside a token of the template's full tokenization, so the "
+                             "per-turn pieces would not concatenate to it (never trained with shifted labels)",
 }
 
 PROCESSORS = {"LlavaPhaseOne": "LlavaPhaseOnePreprocessor", "LlavaPhaseTwo": "LlavaPhaseTwoPreprocessor"}
@@ -152,9 +187,9 @@ class DatasetConfig:
     image_dir: str | None = None  # root of all images; every image path must exist below it
     check_images: bool = False  # open every image's header once; unreadable ones are skipped (not Cerebras')
     num_patches: int = 576  # NP: image slots per sample ((336/14)^2)
-    system_prompt_style: str = "vicuna_v1"  # phase 2: key of PROMPT_STYLES
-    prompt_prefix: str | None = None  # phase 2 user prefix (default from the style)
-    completion_prefix: str | None = None  # phase 2 assistant prefix (default from the style)
+    system_prompt_style: str = "vicuna_v1"  # phase 2: key of PROMPT_STYLES, or of CHAT_TEMPLATE_STYLES
+    prompt_prefix: str | None = None  # phase 2 user prefix (default from the style; PROMPT_STYLES only)
+    completion_prefix: str | None = None  # phase 2 assistant prefix (default from the style; PROMPT_STYLES only)
     multi_modal_non_image_ex_key: str | None = None  # Cerebras' text-only marker key ("model"); not required here
     input_ids_dtype: str = "int32"  # only int32
     input_mask_dtype: str = "int32"  # only int32
@@ -339,9 +374,16 @@ def _check_config_values(cfg: PreprocConfig) -> None:
     if cfg.processing.tokenizer_type != "HuggingFaceTokenizer":
         raise ConfigError(f"{cfg.source}: {cfg.name('processing', 'tokenizer_type')} must be "
                           f"'HuggingFaceTokenizer', found {cfg.processing.tokenizer_type!r}")
-    if cfg.dataset.system_prompt_style not in PROMPT_STYLES:
-        raise ConfigError(f"{cfg.source}: {cfg.name('dataset', 'system_prompt_style')} is "
-                          f"{cfg.dataset.system_prompt_style!r}; valid styles: {', '.join(PROMPT_STYLES)}")
+    style = cfg.dataset.system_prompt_style
+    if style not in PROMPT_STYLES and style not in CHAT_TEMPLATE_STYLES:
+        raise ConfigError(f"{cfg.source}: {cfg.name('dataset', 'system_prompt_style')} is {style!r}; valid "
+                          f"styles: {', '.join(PROMPT_STYLES)}, and with a chat template: "
+                          f"{', '.join(CHAT_TEMPLATE_STYLES)}")
+    for key in ("prompt_prefix", "completion_prefix"):
+        if style in CHAT_TEMPLATE_STYLES and getattr(cfg.dataset, key) is not None:
+            raise ConfigError(f"{cfg.source}: {cfg.name('dataset', key)} only applies to the PROMPT_STYLES "
+                              f"layouts; with system_prompt_style {style!r} the chat template writes the role "
+                              f"headers: remove {key}")
     for key in ("input_ids_dtype", "input_mask_dtype"):
         if getattr(cfg.dataset, key) != "int32":
             raise ConfigError(f"{cfg.source}: {cfg.name('dataset', key)} must be 'int32' (the Cerebras H5 "
@@ -374,7 +416,6 @@ def load_config(params: str | os.PathLike, mode: str, overrides: dict | None = N
 # Tokenizer and token layout
 # --------------------------------------------------------------------------------------------------------------
 
-LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 
 
 _TOKENIZERS: dict[tuple[int, str], Any] = {}  # (pid, folder) -> tokenizer: loading takes ~1 s (slow->fast)
@@ -390,8 +431,8 @@ def load_tokenizer(folder: str | os.PathLike | None, key_name: str = "processing
 
 def _load_tokenizer(folder: str | os.PathLike | None, key_name: str):
     if folder is None:
-        raise ConfigError(f"{key_name} is not set: give the local folder of a Llama-family Hugging Face "
-                          f"tokenizer (tokenizer.model and/or tokenizer.json, tokenizer_config.json)")
+        raise ConfigError(f"{key_name} is not set: give the local folder of a Hugging Face tokenizer "
+                          f"(tokenizer.json and/or tokenizer.model, tokenizer_config.json)")
     path = Path(folder)
     if not path.is_dir():
         raise ConfigError(f"{key_name}: tokenizer folder {str(path)!r} (absolute: {path.resolve()}) not found. "
@@ -403,10 +444,6 @@ def _load_tokenizer(folder: str | os.PathLike | None, key_name: str):
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types; the message is what matters
         raise ConfigError(f"{key_name}: cannot load a tokenizer from {str(path)!r}: {e}") from e
-    if type(tok).__name__ not in LLAMA_TOKENIZER_CLASSES:
-        raise ConfigError(f"{key_name}: {str(path)!r} holds a {type(tok).__name__}; only Llama-family "
-                          f"tokenizers ({', '.join(LLAMA_TOKENIZER_CLASSES)}; Llama-2, Vicuna, Mistral) are "
-                          f"supported, because the layout relies on SentencePiece's '▁' piece")
     if tok.eos_token_id is None:
         raise ConfigError(f"{key_name}: the tokenizer in {str(path)!r} has no EOS token")
     return tok
@@ -445,11 +482,22 @@ class TokenLayout:
         self.vocab_size = len(tok)
         with_special = tok.encode("a")
         self.bos = [with_special[0]] if tok.bos_token_id is not None and with_special[0] == tok.bos_token_id else []
+        self.chat = None  # ChatTurns when phase 2 follows a chat template
         slots = [self.pad_id] * self.np_slots
         if phase == 1:
             pre_ids, pre_att = self.bos + slots, [[1] * len(self.bos) + [v] * self.np_slots for v in (0, 1)]
             self.image_start_idx = len(self.bos)
             self.text_only_mask_start = self.image_start_idx
+        elif cfg.dataset.system_prompt_style in CHAT_TEMPLATE_STYLES:
+            self.chat = ChatTurns(tok, cfg, encode)
+            self.eos_id = self.chat.end_of_turn_id
+            if cfg.processing.pad_id is None:
+                self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+            slots = [self.pad_id] * self.np_slots
+            head = self.chat.prefix_ids
+            pre_ids = head + slots
+            pre_att = [[1] * len(head) + [v] * self.np_slots for v in (0, 1)]
+            self.image_start_idx = self.text_only_mask_start = len(head)
         else:
             system, user, assistant = PROMPT_STYLES[cfg.dataset.system_prompt_style]
             user = cfg.dataset.prompt_prefix if cfg.dataset.prompt_prefix is not None else user
@@ -459,8 +507,11 @@ class TokenLayout:
             self.assistant_ids = encode([assistant])[0]
             self.space_id = tok.convert_tokens_to_ids("▁")
             if self.space_id is None or self.space_id == tok.unk_token_id:
-                raise ConfigError("the tokenizer has no '▁' piece, which the phase-2 layout puts before the image "
-                                  "slots; use a SentencePiece Llama-family tokenizer")
+                raise ConfigError(f"the tokenizer has no '▁' piece, which the {cfg.dataset.system_prompt_style} "
+                                  f"layout puts before the image slots (it is made for SentencePiece Llama-2 / "
+                                  f"Vicuna / Mistral tokenizers); for Llama-3, Qwen and other byte-level BPE "
+                                  f"tokenizers set dataset.system_prompt_style: chat_template (the tokenizer's "
+                                  f"own template) or one of {', '.join(CHAT_TEMPLATES)}")
             head = self.system_ids + self.user_ids
             pre_ids = head + [self.space_id] + slots
             pre_att = [[1] * len(head) + [v] * (1 + self.np_slots) for v in (0, 1)]
@@ -504,6 +555,23 @@ class TokenLayout:
             segs.append((ids, tgt))
         return segs
 
+    def block_segments(self, docs: list) -> list[tuple[str | None, list | None]]:
+        """Per parsed record (image, [(user, answer)]) or None: (skip reason, None) or (None, turn segments).
+        The texts of a whole block are tokenized in one batch."""
+        if self.chat is not None:
+            return self.chat.block_segments(docs)
+        texts = [t for doc in docs if doc is not None for user, answer in doc[1]
+                 for t in ((user, answer) if self.phase == 2 else (answer,))]
+        tokens = iter(self.encode(texts))
+        out = []
+        for doc in docs:
+            if doc is None:
+                out.append((None, None))
+                continue
+            turns = [((next(tokens) if self.phase == 2 else []), next(tokens)) for _ in doc[1]]
+            out.append((None, self.build_turns(turns, doc[0] is not None)))
+        return out
+
     def fit(self, segs: list[tuple[list[int], list[int]]]) -> int:
         """Number of whole turns that fit in MSL (0 = not even the first)."""
         total, n = 0, 0
@@ -521,6 +589,177 @@ class TokenLayout:
         row[2, p - 1:p + n - 1] = ids
         row[1, p - 1:p + n - 1] = tgt
         row[3, p:p + n - 1] = 0
+
+
+IMAGE_MARK = "\ue000"  # the image's place in a rendered conversation (a private-use character no text holds)
+TURN_MARK = "\ue001{}\ue002"  # turn i's text, when the template's own text between turns is read off
+# Passed to every template render: Llama-3.1's official template otherwise prints today's date into the system
+# header, and the data would change (and stop matching a resumed run) from one day to the next.
+TEMPLATE_VARIABLES = {"date_string": "26 Jul 2024"}
+
+
+class ChatTurns:
+    """Phase-2 turns laid out by a Jinja chat template, with labels that cannot silently shift.
+
+    The template renders a record's whole conversation once, with the image mark at the start of the first user
+    turn's text. The text before the mark is the same for every record (checked): it becomes the constant prefix,
+    followed by the image slots. The text after it, T, is cut at each answer's start and end and after the
+    end-of-turn token the template writes there. Each cut must be a token boundary of T's full tokenization (the
+    tokens of T[:cut] are a prefix of the tokens of T), so the per-turn pieces concatenate to exactly the
+    template's tokenization; a record where they would not is skipped as `tokenization_mismatch`. Targets are the
+    answer tokens and the end-of-turn token, nothing else. Reading the template's text between turns per number of
+    turns handles templates that render earlier and later turns differently (Qwen3's empty thinking block).
+    """
+
+    def __init__(self, tok, cfg: PreprocConfig, encode):
+        self.tok, self.encode = tok, encode
+        self.template = chat_template_of(tok, cfg)
+        self._glue_cache: dict[int, list[str]] = {}
+        glue2, glue4 = self.glue(2), self.glue(4)
+        if any(not g for g in glue4[1:-1]):
+            raise ConfigError(f"the chat template writes nothing between two turns ({glue4!r}), so turns cannot be "
+                              f"told apart; use a template with role headers or separators")
+        self.prefix_text = glue2[0]
+        self.end_of_turn = self._end_of_turn(glue2[2], glue4[2])
+        self.end_of_turn_id = tok.convert_tokens_to_ids(self.end_of_turn)
+        self.prefix_ids = encode([self.prefix_text])[0] if self.prefix_text else []
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                            **TEMPLATE_VARIABLES)
+
+    def glue(self, n: int) -> list[str]:
+        """The template's own text around the turns of an n-turn conversation: [before turn 0, ..., after n-1]."""
+        glue = self._glue_cache.get(n)
+        if glue is None:
+            roles = ["user", "assistant"] * (n // 2)
+            try:
+                text = self.render([{"role": r, "content": TURN_MARK.format(i)} for i, r in enumerate(roles)])
+            except Exception as e:  # noqa: BLE001 - Jinja raises many types; the message is what matters
+                raise ConfigError(f"the chat template fails on a plain user/assistant conversation: {e}") from e
+            glue, pos = [], 0
+            for i in range(n):
+                j = text.find(TURN_MARK.format(i), pos)
+                if j < 0:
+                    raise ConfigError(f"the chat template does not print turn {i}'s text as given ({text!r}); "
+                                      f"only templates that print each turn's text are supported")
+                glue.append(text[pos:j])
+                pos = j + len(TURN_MARK.format(i))
+            glue.append(text[pos:])
+            self._glue_cache[n] = glue
+        return glue
+
+    def _end_of_turn(self, *after_answers: str) -> str:
+        """The special token the template writes right after every answer (<|eot_id|>, <|im_end|>, </s>)."""
+        specials = sorted(self.tok.get_added_vocab(), key=len, reverse=True)
+        found = {next((t for t in specials if text.startswith(t)), None) for text in after_answers}
+        if len(found) != 1 or None in found:
+            raise ConfigError(f"the chat template writes no special token right after an answer (it writes "
+                              f"{after_answers[0][:40]!r}); the model could not learn to end its turn. Use a "
+                              f"template that closes each answer with the tokenizer's end-of-turn token")
+        return found.pop()
+
+    def _spans(self, text: str, messages: list[dict]) -> list[tuple[int, int]] | None:
+        """(start, end) of each turn's text in the rendered conversation, or None where it does not match."""
+        glue = self.glue(len(messages))
+        if not text.startswith(glue[0]):
+            return None
+        spans, pos = [], len(glue[0])
+        for i, message in enumerate(messages):
+            after = glue[i + 1]
+            if i == len(messages) - 1:
+                end = len(text) - len(after) if text.endswith(after) else -1
+            else:
+                end = text.find(after, pos)
+            if end < pos or text[pos:end].strip() != message["content"].strip():
+                return None
+            spans.append((pos, end))
+            pos = end + len(after)
+        return spans
+
+    def cut(self, pairs: list[tuple[str, str]]) -> tuple[str | None, tuple | None]:
+        """Render a record; (reason, None) or (None, (T, cuts)) with three cuts per turn in T's coordinates."""
+        messages = []
+        for i, (user, answer) in enumerate(pairs):
+            messages += [{"role": "user", "content": IMAGE_MARK + user if i == 0 else user},
+                         {"role": "assistant", "content": answer}]
+        try:
+            text = self.render(messages)
+        except Exception:  # noqa: BLE001 - e.g. the template's raise_exception on roles it refuses
+            return "template_error", None
+        spans = self._spans(text, messages)
+        head = self.prefix_text + IMAGE_MARK
+        if spans is None or not text.startswith(head) or text.count(IMAGE_MARK) != 1:
+            return "template_mismatch", None
+        base, cuts = len(head), []
+        for start, end in spans[1::2]:
+            if not text.startswith(self.end_of_turn, end):
+                return "template_mismatch", None
+            cuts += [start - base, end - base, end - base + len(self.end_of_turn)]
+        return None, (text[base:], cuts)
+
+    def segments(self, full: list[int], bounds: list[int]) -> list[tuple[list[int], list[int]]] | None:
+        """Turn segments from T's tokens and the token index of every cut; None if an end of turn is not the
+        single end-of-turn token."""
+        segs, prev = [], 0
+        for k in range(0, len(bounds), 3):
+            start, end, stop = bounds[k:k + 3]
+            if full[end:stop] != [self.end_of_turn_id]:
+                return None
+            prompt, answer = full[prev:start], full[start:end]
+            segs.append((prompt + answer + [self.end_of_turn_id], [0] * len(prompt) + [1] * (len(answer) + 1)))
+            prev = stop
+        return segs
+
+    def block_segments(self, docs: list) -> list[tuple[str | None, list | None]]:
+        """Fast path: the pieces between cuts tokenized on their own concatenate to T's tokens (byte-level BPE
+        tokenizers, cuts next to special tokens). Otherwise (e.g. SentencePiece marks a word start differently
+        mid-text) each cut is checked in context: the tokens of T[:cut] must be a prefix of T's tokens."""
+        cut = [self.cut(doc[1]) if doc is not None else (None, None) for doc in docs]
+        texts = []
+        for _, c in cut:
+            if c is not None:
+                text, cuts = c
+                texts += [text[i:j] for i, j in zip([0, *cuts], cuts)] + [text]
+        tokens = iter(self.encode(texts))
+        found = []  # per record: (T's tokens, token index per cut or None for the slow path)
+        for _, c in cut:
+            if c is None:
+                found.append(None)
+                continue
+            parts = [next(tokens) for _ in c[1]]
+            full = next(tokens)
+            bounds = list(itertools.accumulate(len(p) for p in parts))
+            joined = [t for p in parts for t in p]  # T's text after the last cut (e.g. "\n") is not kept
+            found.append((full, bounds if full[:len(joined)] == joined else None))
+        slow = [i for i, f in enumerate(found) if f is not None and f[1] is None]
+        prefixes = iter(self.encode([cut[i][1][0][:j] for i in slow for j in cut[i][1][1]]))
+        for i in slow:
+            full = found[i][0]
+            prefix_ids = [next(prefixes) for _ in cut[i][1][1]]
+            ok = all(full[:len(ids)] == ids for ids in prefix_ids)
+            found[i] = (full, [len(ids) for ids in prefix_ids] if ok else None)
+        out = []
+        for (reason, c), f in zip(cut, found):
+            segs = None if f is None or f[1] is None else self.segments(*f)
+            out.append((reason, None) if c is None else
+                       (("tokenization_mismatch", None) if segs is None else (None, segs)))
+        return out
+
+
+def chat_template_of(tok, cfg: PreprocConfig) -> str:
+    """The Jinja template of dataset.system_prompt_style: the tokenizer's own, or a CHAT_TEMPLATES entry."""
+    style = cfg.dataset.system_prompt_style
+    if style != "chat_template":
+        return CHAT_TEMPLATES[style]
+    template = tok.chat_template
+    if isinstance(template, dict):  # tokenizers with several named templates
+        template = template.get("default")
+    if not template:
+        raise ConfigError(f"{cfg.name('dataset', 'system_prompt_style')} is chat_template, but the tokenizer in "
+                          f"{cfg.processing.huggingface_tokenizer!r} has no chat_template; set it to the "
+                          f"family's template instead: one of {', '.join(CHAT_TEMPLATES)}")
+    return template
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -932,26 +1171,18 @@ def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[st
         if not block:
             break
         parsed = [parser.parse(raw) for _, _, _, raw in block]
-        texts: list[str] = []
-        for reason, doc in parsed:
-            if reason is None:
-                for user, answer in doc[1]:
-                    if phase == 2:
-                        texts.append(user)
-                    texts.append(answer)
-        tokens = iter(layout.encode(texts))
-        for (g, path, line_no, raw), (reason, doc) in zip(block, parsed):
+        laid_out = layout.block_segments([doc if reason is None else None for reason, doc in parsed])
+        for (g, path, line_no, raw), (reason, doc), (layout_reason, segs) in zip(block, parsed, laid_out):
             counts["processed_files"] += 1
             last_index = g
+            reason = reason or layout_reason
             if reason is not None:
                 skip(reason, _record_id(raw, path, line_no))
                 continue
             image, pairs = doc
-            turns = [((next(tokens) if phase == 2 else []), next(tokens)) for _ in pairs]
             for user, answer in pairs:  # phase 1 leaves user empty: its prompt is not used
                 counts["raw_chars_count"] += len(user) + len(answer)
                 counts["raw_bytes_count"] += len(user.encode("utf-8")) + len(answer.encode("utf-8"))
-            segs = layout.build_turns(turns, image is not None)
             keep = layout.fit(segs)
             if keep == 0:
                 skip("too_long", _record_id(raw, path, line_no))
@@ -2079,7 +2310,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--use_ftfy", type=_bool_arg)
         g.add_argument("--image_dir")
         g.add_argument("--num_patches", type=int)
-        g.add_argument("--system_prompt_style", choices=list(PROMPT_STYLES))
+        g.add_argument("--system_prompt_style", choices=[*PROMPT_STYLES, *CHAT_TEMPLATE_STYLES])
         g.add_argument("--prompt_prefix")
         g.add_argument("--completion_prefix")
         p.add_argument("--overwrite", action="store_true", help="replace the H5 files already in output_dir")

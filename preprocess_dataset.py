@@ -1034,6 +1034,56 @@ def write_llama_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size:
 
 
 # --------------------------------------------------------------------------------------------------
+# A small byte-level BPE tokenizer with a chat template (Llama-3 or Qwen2 style; demo and tests)
+# --------------------------------------------------------------------------------------------------
+
+# Pre-tokenizer split in the manner of today's byte-level BPE tokenizers: words with their leading space, and runs of
+# newlines as one piece, so "\n\n" becomes one token as in Llama-3 and Qwen.
+BPE_SPLIT_PATTERN = r" ?[^\s]+|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+# family -> (special tokens, BOS added in front of every encoding or None, EOS, pad or None, chat template key)
+BPE_CHAT_FAMILIES = {
+    "llama3": (("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+               "<|begin_of_text|>", "<|eot_id|>", None, "llama3"),
+    "qwen2": (("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|endoftext|>", "qwen2"),
+}
+
+
+def write_bpe_chat_tokenizer(texts: Iterable[str], out_dir: str | Path, family: str, vocab_size: int = 1000) -> Path:
+    """Train a small byte-level BPE tokenizer on `texts` with `family`'s special tokens and chat template
+    (create_hdf5_dataset.CHAT_TEMPLATES) and save it as a Hugging Face tokenizer folder (tokenizer.json,
+    tokenizer_config.json with the template). llama3: BOS <|begin_of_text|> added, EOS <|eot_id|>, no pad;
+    qwen2: no BOS, EOS <|im_end|>, pad <|endoftext|>. Deterministic for given texts."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from create_hdf5_dataset import CHAT_TEMPLATES
+
+    specials, bos, eos, pad, template = BPE_CHAT_FAMILIES[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(BPE_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   chat_template=CHAT_TEMPLATES[template], clean_up_tokenization_spaces=False)
+    out_dir = Path(out_dir)
+    tmp = partial_name(out_dir)
+    fast.save_pretrained(str(tmp))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out_dir / f.name)
+    tmp.rmdir()
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------
 # synthetic_shapes: the demo dataset
 # --------------------------------------------------------------------------------------------------
 
