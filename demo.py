@@ -2,6 +2,7 @@
 
     python demo.py                      # writes demo_out/, prints each stage's command and a summary
     python demo.py --num_train 1000 --phase1_steps 150 --phase2_steps 200    # reduced size (tests/test_demo.py)
+    python demo.py --family llama3_clip     # Llama-3-style LM + chat template; qwen2_siglip: Qwen2-style LM + SigLIP
 
 Measured on 2 shared CPU cores: the default takes about 3 minutes and answers about 95% of the held-out questions'
 first word right (uniform chance over each question's answers: 21%); the reduced size about 75 s and 61%.
@@ -36,7 +37,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 
-PHASE_PARAMS = {1: "configs/params_llava_tiny_phase1.yaml", 2: "configs/params_llava_tiny_phase2.yaml"}
+# --family -> (synthetic_shapes --tokenizer, params yaml per phase, phase-2 preprocessing yaml)
+FAMILIES = {
+    "vicuna_clip": ("llama", {1: "configs/params_llava_tiny_phase1.yaml", 2: "configs/params_llava_tiny_phase2.yaml"},
+                    "configs/demo_phase_2_preproc.yaml"),
+    "llama3_clip": ("llama3", {1: "configs/params_llava_tiny_llama3_phase1.yaml",
+                               2: "configs/params_llava_tiny_llama3_phase2.yaml"},
+                    "configs/demo_phase_2_chat_preproc.yaml"),
+    "qwen2_siglip": ("qwen2", {1: "configs/params_llava_tiny_qwen2_siglip_phase1.yaml",
+                               2: "configs/params_llava_tiny_qwen2_siglip_phase2.yaml"},
+                     "configs/demo_phase_2_chat_preproc.yaml"),
+}
 
 
 def run(cmd: list, quiet: bool, threads: int) -> None:
@@ -62,6 +73,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per stage (OMP_NUM_THREADS)")
     parser.add_argument("--quiet", action="store_true", help="hide the stages' own output")
+    parser.add_argument("--family", choices=list(FAMILIES), default="vicuna_clip",
+                        help="vicuna_clip: Llama-2-style LM, CLIP-style tower, vicuna_v1 prompts (LLaVA-1.5); "
+                             "llama3_clip: Llama-3-style LM and tokenizer with its chat template; qwen2_siglip: "
+                             "Qwen2-style LM and tokenizer with its chat template, SigLIP-style tower")
     args = parser.parse_args(argv)
 
     out = Path(args.output_dir).resolve()
@@ -71,11 +86,13 @@ def main(argv=None) -> dict:
     py = sys.executable
     started = time.perf_counter()
 
+    tokenizer, phase_params, phase2_preproc = FAMILIES[args.family]
     run([py, "preprocess_dataset.py", "synthetic_shapes", "--output_dir", data, "--num_train", args.num_train,
-         "--num_eval", args.num_eval, "--no_progress"], args.quiet, args.threads)
+         "--num_eval", args.num_eval, "--tokenizer", tokenizer, "--no_progress"], args.quiet, args.threads)
+    preproc = {1: "configs/demo_phase_1_preproc.yaml", 2: phase2_preproc}
     for phase, name in ((1, "LlavaPhaseOne"), (2, "LlavaPhaseTwo")):
         for split in ("train", "eval"):
-            run([py, "create_hdf5_dataset.py", name, "--params", f"configs/demo_phase_{phase}_preproc.yaml",
+            run([py, "create_hdf5_dataset.py", name, "--params", preproc[phase],
                  "--input_dir", data / f"phase{phase}" / split, "--output_dir", h5 / f"phase{phase}" / split,
                  "--huggingface_tokenizer", data / "tokenizer", "--image_dir", data / "images", "--no_progress"],
                 args.quiet, args.threads)
@@ -94,9 +111,9 @@ def main(argv=None) -> dict:
                 f"optimizer.learning_rate.1.total_iters={steps - warmup}"]
 
     p1, p2 = runs / "phase1", runs / "phase2"
-    run([py, "run.py", "CPU", "--mode", "train", "--params", PHASE_PARAMS[1],
+    run([py, "run.py", "CPU", "--mode", "train", "--params", phase_params[1],
          "--model_dir", p1, "--no_progress", *run_args(1, args.phase1_steps)], args.quiet, args.threads)
-    run([py, "run.py", "CPU", "--mode", "train_and_eval", "--params", PHASE_PARAMS[2],
+    run([py, "run.py", "CPU", "--mode", "train_and_eval", "--params", phase_params[2],
          "--model_dir", p2, "--checkpoint_path", p1 / f"checkpoint_{args.phase1_steps}.mdl", "--no_progress",
          *run_args(2, args.phase2_steps)], args.quiet, args.threads)
 

@@ -1287,13 +1287,14 @@ def generate_split(split: str, n_images: int, out_dir: Path, image_size: int, se
 
 
 def make_synthetic_shapes(output_dir, *, num_train=2000, num_eval=200, image_size=64, seed=0, vocab_size=1000,
-                          progress=True) -> dict:
+                          progress=True, tokenizer: str = "llama") -> dict:
     """Write the demo dataset and return its manifest. Layout under `output_dir`:
 
         images/{train,eval}/<n>.png            image root = images/; records hold "train/000001.png"
         phase1/{train,eval}/data.jsonl         LCS-558K style caption records
         phase2/{train,eval}/data.jsonl         mix665k style questions (single, multi-turn, text-only)
         tokenizer/                             write_llama_tokenizer over every text + vicuna_v1 prompt
+                                               (tokenizer="llama3"/"qwen2": write_bpe_chat_tokenizer)
         manifest.json                          counts, seed, image_size, question types and answers
     """
     if num_train < 1 or num_eval < 1:
@@ -1313,7 +1314,10 @@ def make_synthetic_shapes(output_dir, *, num_train=2000, num_eval=200, image_siz
                     f.write(json.dumps(r) + "\n")
             files.setdefault(phase, {})[split] = path.relative_to(out).as_posix()
             texts += [t["value"].replace(IMAGE_TOKEN, "") for r in records for t in r["conversations"]]
-    write_llama_tokenizer(texts, out / "tokenizer", vocab_size=vocab_size)
+    if tokenizer == "llama":
+        write_llama_tokenizer(texts, out / "tokenizer", vocab_size=vocab_size)
+    else:
+        write_bpe_chat_tokenizer(texts, out / "tokenizer", tokenizer, vocab_size=vocab_size)
     manifest = {
         "dataset": "synthetic_shapes",
         "seed": seed,
@@ -1422,6 +1426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--vocab_size", type=int, default=1000, help="tokenizer vocabulary upper bound (default 1000)")
+    p.add_argument("--tokenizer", choices=["llama", *BPE_CHAT_FAMILIES], default="llama",
+                   help="llama: SentencePiece like Llama-2 (vicuna_v1 data); llama3 / qwen2: byte-level BPE with that "
+                        "family's special tokens and chat template (system_prompt_style: chat_template)")
     return parser
 
 
@@ -1450,6 +1457,7 @@ def run(args: argparse.Namespace) -> Report | dict:
     if d == "synthetic_shapes":
         return make_synthetic_shapes(args.output_dir, num_train=args.num_train, num_eval=args.num_eval,
                                      image_size=args.image_size, seed=args.seed, vocab_size=args.vocab_size,
+                                     tokenizer=args.tokenizer,
                                      progress=progress)
     raise UsageError("Dataset currently not supported. Feel free to adapt codebase to include your dataset.")
 

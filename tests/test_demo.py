@@ -1,6 +1,8 @@
-"""demo.py end to end at a reduced size (about 75 s on 2 CPU cores): synthetic_shapes -> H5 -> phase 1 -> phase 2
--> held-out eval. The questions can only be answered from the image, so accuracy well above chance shows the image
-reaches the LM; the checkpoints show which weights each phase trained.
+"""demo.py end to end at a reduced size (about 75-100 s per family on 2 CPU cores): synthetic_shapes -> H5 -> phase 1
+-> phase 2 -> held-out eval, for each --family: the LLaVA-1.5 recipe (vicuna_clip) and the tiny variants of the
+Llama-3.1 + CLIP and Qwen2.5 + SigLIP recipes, whose phase-2 data follows the tokenizer's chat template. The questions
+can only be answered from the image, so accuracy well above chance shows the image reaches the LM; the checkpoints
+show which weights each phase trained; the llava-hf export answers through transformers' generate().
 
     python -m pytest -q tests/test_demo.py
 """
@@ -18,10 +20,10 @@ REDUCED = ["--num_train", "1000", "--num_eval", "200", "--phase1_steps", "150", 
            "--batch_size", "32"]
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_test") / "demo"
-    metrics = demo.main([*REDUCED, "--output_dir", str(out), "--quiet"])
+@pytest.fixture(scope="module", params=sorted(demo.FAMILIES))
+def demo_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"demo_{request.param}") / "demo"
+    metrics = demo.main([*REDUCED, "--family", request.param, "--output_dir", str(out), "--quiet"])
     return metrics, out
 
 
