@@ -17,7 +17,7 @@ Commands (Steps 5 and 8 of the documented pipeline, written exactly as Cerebras 
   python convert_checkpoint.py convert --model llava --src-fmt llava-hf --tgt-fmt cs-2.2 \
       --config llava-1.5-7b-hf --output-dir cs_out llava-1.5-7b-hf
   python convert_checkpoint.py convert --model llava --src-fmt cs-2.2 --tgt-fmt llava-hf \
-      --config params.yaml --tokenizer-dir vicuna_dir --output-dir llava_hf_out checkpoint.mdl
+      --config params.yaml --tokenizer-dir vicuna_dir --output-dir llava_hf_out [--chat-template auto] checkpoint.mdl
   python convert_checkpoint.py convert-config --model llava --src-fmt hf --tgt-fmt cs-2.2 --output-dir out DIR
   python convert_checkpoint.py diff left.mdl right.mdl [--tensor_comparison_op allclose]
 
@@ -26,6 +26,13 @@ mismatches raise with the key names; dtype is kept unless --dtype says otherwise
 shard at a time; pickles are read with torch.load(weights_only=True) (code in a pickle is refused); a truncated
 or damaged weight file fails with its name; the output appears only when the whole conversion succeeded (it is
 written into a hidden folder inside --output-dir and moved into place at the end).
+
+llava-hf output: CLIP or SigLIP towers with Llama(-3), Mistral, Qwen2 or Qwen3 text models. The tokenizer gets
+<image> (and <pad> only when it has no pad token); text_config and generation_config.json take its bos/eos/pad ids.
+--chat-template picks the processor's template: auto (default) = the tokenizer's own chat_template, else vicuna_v1
+(LLaVA-1.5's format); tokenizer = its own (an error when it has none); llama3 / qwen2 / mistral = the templates
+create_hdf5_dataset.py builds phase-2 data with. Pick the one the phase-2 data used; a Jinja template gets a prelude
+so [{"type": "image"}, {"type": "text", ...}] contents render as "<image>\\nQ", the training layout.
 """
 
 from __future__ import annotations
@@ -753,9 +760,14 @@ def llava_hf_config_to_cs(config: Mapping) -> dict:
     strategy = c["vision_feature_select_strategy"]
     if strategy not in LLAVA_HF_STRATEGIES:
         raise ConversionError(f"vision_feature_select_strategy {strategy!r}: use one of {list(LLAVA_HF_STRATEGIES)}")
+    if not image["prepend_cls_token"] and strategy != "full":
+        raise ConversionError(f"vision_feature_select_strategy {strategy!r} with a {vision_family_of_config(vision)} "
+                              "tower (no CLS token) drops its first patch feature, which our model cannot express; "
+                              "LLaVA models with such towers use \"full\" (every patch)")
+    mode = "patch" if not image["prepend_cls_token"] else LLAVA_HF_STRATEGIES[strategy]  # no CLS: nothing to drop
     projector = _projector_section(image["hidden_size"], text["hidden_size"], 2, bool(c["multimodal_projector_bias"]))
     select = _select_layer_to_cs(c["vision_feature_layer"], "vision_feature_layer")
-    return _model_section(image, text, projector, ["^image_model"], select, LLAVA_HF_STRATEGIES[strategy])
+    return _model_section(image, text, projector, ["^image_model"], select, mode)
 
 
 def parse_cs_config(model_section: Mapping):
@@ -879,23 +891,36 @@ def cs_to_hf_text_config(cfg, vision_tower: str, dtype: str = "float32") -> dict
     return {**text, **llava}
 
 
-def cs_to_llava_hf_config(cfg, image_token_index: int, pad_token_id: Optional[int], dtype: str = "float32") -> dict:
-    """CS model -> llava-hf config.json (LlavaConfig)."""
+def llava_hf_strategy(cfg) -> str:
+    """vision_feature_select_strategy of a CS model. llava-hf's "default" drops the first feature (CLIP's CLS), so
+    a tower without CLS (SigLIP), whose every feature our model keeps in either mode, needs "full"."""
+    if vision_family(cfg) == "siglip":
+        return "full"
+    return {v: k for k, v in LLAVA_HF_STRATEGIES.items()}[cfg.image_feature_select_mode]
+
+
+def image_tokens_of(cfg) -> int:
+    """Image features (= <image> tokens) per image: the patches, plus CLS when the model keeps it."""
+    im = cfg.image_model
+    patches = (im.image_size[0] // im.patch_size[0]) * (im.image_size[1] // im.patch_size[1])
+    return patches + (im.prepend_cls_token and cfg.image_feature_select_mode == "cls_patch")
+
+
+def cs_to_llava_hf_config(cfg, image_token_index: int, pad_token_id: Optional[int], dtype: str = "float32",
+                          token_ids: Optional[Mapping] = None) -> dict:
+    """CS model -> llava-hf config.json (LlavaConfig). token_ids: the tokenizer's bos/eos/pad_token_id, written
+    into text_config (left to the family's defaults when None)."""
     if _projector_layers(cfg) != 2:
         raise ConversionError("llava-hf has a 2-layer projector (linear_1, gelu, linear_2); this config has "
                               f"{len(cfg.projector.layers_units)} layers")
-    strategy = {v: k for k, v in LLAVA_HF_STRATEGIES.items()}[cfg.image_feature_select_mode]
     vision = cs_to_hf_vision_config(cfg, dtype)
     vision.pop("architectures")
-    text = cs_to_hf_llama_config(cfg, dtype)
-    num_patches = ((cfg.image_model.image_size[0] // cfg.image_model.patch_size[0])
-                   * (cfg.image_model.image_size[1] // cfg.image_model.patch_size[1]))
+    text = dict(cs_to_hf_llama_config(cfg, dtype), **(token_ids or {}))
     return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
             "image_token_index": image_token_index, "pad_token_id": pad_token_id, "ignore_index": -100,
             "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
             "vision_feature_layer": _select_layer_to_hf(cfg.image_feature_select_layer_idx),
-            "vision_feature_select_strategy": strategy,
-            "image_seq_length": num_patches + (strategy == "full"),
+            "vision_feature_select_strategy": llava_hf_strategy(cfg), "image_seq_length": image_tokens_of(cfg),
             "tie_word_embeddings": cfg.text_model.share_embedding_weights, "torch_dtype": dtype,
             "text_config": text, "vision_config": vision}
 
@@ -1324,6 +1349,7 @@ class Options:
     tokenizer_dir: Optional[Path] = None  # --tokenizer-dir: tokenizer files for the hf / llava-hf output
     seed: int = 0  # --seed for a fresh projector (plain Vicuna input)
     vision_tower: Optional[str] = None  # --vision-tower: mm_vision_tower of hf output; None = OUT/image_model
+    chat_template: str = "auto"  # --chat-template: the llava-hf processor's template (CHAT_TEMPLATE_HELP)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -1634,21 +1660,102 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
 )
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
+# --chat-template values besides the keys of create_hdf5_dataset.CHAT_TEMPLATES (the table phase-2 data uses).
+CHAT_TEMPLATE_SOURCES = ("auto", "vicuna_v1", "tokenizer")
+# Put before a chosen Jinja template (the tokenizer's own or a table one): such templates print message['content']
+# as a string, while LlavaProcessor users pass [{"type": "image"}, {"type": "text", ...}]. Each list becomes one
+# string laid out as training lays out the first user turn: one '<image>\n' per image, then the texts joined by
+# '\n'; string contents pass unchanged. The last tag leaves the template's own leading text untouched.
+LIST_CONTENT_PRELUDE = (
+    "{%- set llava_ns = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is defined and message['content'] is sequence "
+    "and message['content'] is not string -%}"
+    "{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+    "| join('\\n') -%}"
+    "{%- set message = dict(message, content='" + IMAGE_TOKEN + "\\n' * images + text) -%}"
+    "{%- endif -%}"
+    "{%- set llava_ns.messages = llava_ns.messages + [message] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = llava_ns.messages %}"
+)
 
 
 def llava_tokenizer(folder: Path):
-    """The text tokenizer with llava-hf's additions: `<image>` (special) and a `<pad>` pad token."""
+    """The text tokenizer with llava-hf's additions: `<image>` (special) when it lacks one, and a `<pad>` pad token
+    only when it has no pad token of its own (Llama-2 has none; Qwen's <|endoftext|> is kept, as training used it)."""
     from transformers import AddedToken, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     vocab = tok.get_vocab()
     if IMAGE_TOKEN not in vocab:
         tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-    if PAD_TOKEN not in vocab:
+    if tok.pad_token is None and PAD_TOKEN not in vocab:
         tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
-    else:
+    elif tok.pad_token is None:
         tok.pad_token = PAD_TOKEN
+    if "token_type_ids" in tok.model_input_names:  # a generic tokenizer's default; generate() refuses that input
+        tok.model_input_names = [name for name in tok.model_input_names if name != "token_type_ids"]
+        tok.init_kwargs["model_input_names"] = tok.model_input_names  # what save_pretrained writes
     return tok
+
+
+def _own_template(tok) -> Optional[str]:
+    """The tokenizer's chat template (the default one of a named set), or None."""
+    own = tok.chat_template
+    return own.get("default") if isinstance(own, dict) else own
+
+
+def chat_template_for(tok, choice: str = "auto") -> str:
+    """The processor's chat template for --chat-template `choice` (see CHAT_TEMPLATE_HELP)."""
+    import create_hdf5_dataset as hd
+
+    own = _own_template(tok)
+    if choice == "auto":
+        choice = "tokenizer" if own else "vicuna_v1"
+    if choice == "vicuna_v1":
+        return CHAT_TEMPLATE  # handles list contents itself; unchanged, so Llama-2 / Vicuna exports stay identical
+    if choice == "tokenizer":
+        if not own:
+            raise ConversionError(f"--chat-template tokenizer: the tokenizer of --tokenizer-dir has no chat_template "
+                                  f"(tokenizer_config.json / chat_template.jinja); pass the template the model was "
+                                  f"trained with: one of vicuna_v1, {', '.join(hd.CHAT_TEMPLATES)}")
+        return LIST_CONTENT_PRELUDE + own
+    if choice not in hd.CHAT_TEMPLATES:
+        raise ConversionError(f"--chat-template {choice!r}: use one of "
+                              f"{', '.join(CHAT_TEMPLATE_SOURCES + tuple(hd.CHAT_TEMPLATES))}")
+    return LIST_CONTENT_PRELUDE + hd.CHAT_TEMPLATES[choice]
+
+
+ANSWER_MARK = "LLAVA-ANSWER-MARK"
+
+
+def end_of_turn_id(tok, template: str) -> Optional[int]:
+    """The special token `template` writes right after an answer (<|eot_id|>, <|im_end|>, </s>), or None."""
+    chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ANSWER_MARK}]
+    try:
+        text = tok.apply_chat_template(chat, chat_template=template, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - Jinja raises many types; the message is what matters
+        raise ConversionError(f"the chosen chat template fails on a plain user/assistant conversation ({e}); "
+                              "choose another --chat-template") from None
+    after = text.split(ANSWER_MARK, 1)[1] if ANSWER_MARK in text else ""
+    special = sorted((t for t in tok.get_added_vocab() if after.startswith(t)), key=len)
+    return tok.convert_tokens_to_ids(special[-1]) if special else None
+
+
+def token_ids(tok) -> dict:
+    """text_config's bos/eos/pad ids: the tokenizer's, so generate() ends where the model was trained to."""
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def stop_ids(tok, template: str):
+    """generation_config.json's eos_token_id: the tokenizer's eos, plus the template's end-of-turn token where that
+    differs (a base tokenizer, whose eos is <|end_of_text|>, under the llama3 table template ending in <|eot_id|>)."""
+    eos, turn_end = tok.eos_token_id, end_of_turn_id(tok, template)
+    if turn_end is None or turn_end == eos:
+        return eos
+    return [turn_end] if eos is None else [eos, turn_end]
 
 
 def llava_hf_vocab_rows(n_tokens: int, vocab: int) -> int:
@@ -1667,19 +1774,50 @@ def grow_rows(t, rows: int):
     return torch.cat((t, mean.expand(rows - t.shape[0], -1)))
 
 
+SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+
+
+def llava_image_processor(cfg):
+    """The image processor of the tower: CLIP's pads to a square in the mean colour first (as the training
+    transforms, expand_to_square, do) and crops; SigLIP's resizes to image_size x image_size, no crop."""
+    from transformers import LlavaImageProcessor, SiglipImageProcessor
+
+    size = _square(cfg.image_model.image_size, "model.image_model.image_size")
+    if vision_family(cfg) == "siglip":
+        return SiglipImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=3,
+                                    do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                    image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+    return LlavaImageProcessor(do_pad=True, size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                               resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
+def llava_processor(cfg, tok, chat_template: str):
+    """LlavaProcessor expanding each <image> to the model's image_tokens_of(cfg) tokens: it counts patches, adds
+    num_additional_image_tokens (CLIP's CLS) and drops one for strategy "default"."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(image_processor=llava_image_processor(cfg), tokenizer=tok,
+                          patch_size=_square(cfg.image_model.patch_size, "model.image_model.patch_size"),
+                          vision_feature_select_strategy=llava_hf_strategy(cfg), chat_template=chat_template,
+                          image_token=IMAGE_TOKEN, num_additional_image_tokens=int(cfg.image_model.prepend_cls_token))
+
+
 def convert_cs_to_llava_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, opts: Options = Options()) -> list:
-    """cs-2.2 .mdl + yaml -> a llava-hf folder (weights, config, tokenizer with <image>/<pad>, processor)."""
-    from transformers import LlavaImageProcessor, LlavaProcessor
+    """cs-2.2 .mdl + yaml -> a llava-hf folder (weights, config, generation config, tokenizer with <image> (and
+    <pad> when it has no pad token), processor with the --chat-template template)."""
+    from transformers import GenerationConfig
 
     state, cfg, _, expected = _load_cs_and_config(Path(checkpoint), config)
     tok = llava_tokenizer(_tokenizer_dir(opts, Path(checkpoint), required=True))
+    template = chat_template_for(tok, opts.chat_template)
     vocab = cfg.text_model.vocab_size
     rows = llava_hf_vocab_rows(len(tok), vocab)
     if rows != vocab:
-        print(f"Growing embeddings and lm_head from {vocab} to {rows} rows for {IMAGE_TOKEN} and {PAD_TOKEN}",
-              file=sys.stderr)
+        print(f"Growing embeddings and lm_head from {vocab} to {rows} rows for the added tokens ({len(tok)} in the "
+              f"tokenizer)", file=sys.stderr)
     dtype = opts.dtype or _dtype_name(state["text_model.embedding_layer.word_embeddings.weight"])
-    hf_config = cs_to_llava_hf_config(cfg, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id, dtype)
+    ids = token_ids(tok)
+    hf_config = cs_to_llava_hf_config(cfg, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id, dtype, ids)
     hf_config["text_config"]["vocab_size"] = rows
     out_dir = Path(out_dir)
     # Always safetensors: transformers' own format, and on torch < 2.6 (the Cerebras environment) it refuses .bin.
@@ -1694,16 +1832,8 @@ def convert_cs_to_llava_hf(checkpoint: Path, config: Optional[Path], out_dir: Pa
     mapper.finish(groups)
     written = writer.close()
     _write_json(out_dir / "config.json", hf_config)
-    size = _square(cfg.image_model.image_size, "model.image_model.image_size")
-    # do_pad: expand to a square in the mean colour first, as the training transforms (expand_to_square) do.
-    image_processor = LlavaImageProcessor(do_pad=True, size={"shortest_edge": size},
-                                          crop_size={"height": size, "width": size}, resample=3,
-                                          image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok,
-                               patch_size=_square(cfg.image_model.patch_size, "model.image_model.patch_size"),
-                               vision_feature_select_strategy=hf_config["vision_feature_select_strategy"],
-                               chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    processor.save_pretrained(str(out_dir))
+    GenerationConfig(**dict(ids, eos_token_id=stop_ids(tok, template))).save_pretrained(str(out_dir))
+    llava_processor(cfg, tok, template).save_pretrained(str(out_dir))
     return written + [out_dir / "config.json"]
 
 
@@ -1724,7 +1854,8 @@ CONVERSIONS = {  # (src, tgt) -> note for `list`
                   "text_model to a name containing 'llava' for the LLaVA repo. --tokenizer-dir copies tokenizer files.",
     ("llava-hf", "cs"): "A transformers LlavaForConditionalGeneration folder (config.json + weights).",
     ("cs", "llava-hf"): "Writes a folder LlavaForConditionalGeneration/AutoProcessor load (safetensors); needs "
-                        "--tokenizer-dir (adds <image> and <pad>, grows the embeddings to a multiple of 64).",
+                        "--tokenizer-dir (adds <image>, and <pad> when it has no pad token; grows the embeddings to "
+                        "a multiple of 64 when they do not fit). --chat-template picks the processor's template.",
     ("cs", "cs"): "Re-saves the model weights of a checkpoint (e.g. a cerebras.pytorch HDF5 .mdl, read in the "
                   "Cerebras environment) as a torch.save .mdl without the `model.` prefix, checked against --config.",
 }
@@ -1756,9 +1887,13 @@ def cmd_list(args) -> int:
 
 
 def _options(args) -> Options:
+    if args.chat_template is not None and _kind(args.tgt_fmt) != "llava-hf":
+        raise ConversionError(f"--chat-template only applies to --tgt-fmt llava-hf (it sets the processor's chat "
+                              f"template); --tgt-fmt {args.tgt_fmt} has no processor: drop the option")
     return Options(shard_bytes=parse_size(args.hf_shard_size), safetensors=args.export_safetensors,
                    dtype=args.dtype, progress=not args.no_progress_bar, strict=not args.drop_unmatched_keys,
-                   tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else None, seed=args.seed)
+                   tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else None, seed=args.seed,
+                   chat_template=args.chat_template or "auto")
 
 
 def _check_pair(src: str, tgt: str) -> tuple:
@@ -1919,7 +2054,18 @@ VISION_TOWER_HELP = ("hf output: the mm_vision_tower of text_model/config.json, 
                      "image_model path, or convert again with --vision-tower NEW_PATH/image_model")
 
 
+CHAT_TEMPLATE_HELP = ("llava-hf output: the chat template of the processor. auto (default): the --tokenizer-dir "
+                      "tokenizer's own chat_template when it has one, else vicuna_v1. vicuna_v1: LLaVA-1.5's training "
+                      "format (SYSTEM USER: <image>\\nQ ASSISTANT: A</s>). tokenizer: the tokenizer's own, an error "
+                      "when it has none. llama3, qwen2, mistral: the templates of create_hdf5_dataset.py's "
+                      "dataset.system_prompt_style of the same name. Choose what the phase-2 data was built with. A "
+                      "Jinja template (all but vicuna_v1) gets a prelude that turns a message's content list into one "
+                      "string: one <image>\\n per image item, then the text items joined by newlines")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import create_hdf5_dataset as hd  # the chat templates phase-2 data is built with
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -1944,6 +2090,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of failing")
     p.add_argument("--seed", type=int, default=0, help="seed of a fresh projector (plain Vicuna input)")
     p.add_argument("--vision-tower", metavar="PATH_OR_HUB_ID", help=VISION_TOWER_HELP)
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATE_SOURCES + tuple(hd.CHAT_TEMPLATES),
+                   help=CHAT_TEMPLATE_HELP)
     p.add_argument("--no-progress-bar", "--no_progress", dest="no_progress_bar", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback on failure")
     p.set_defaults(func=cmd_convert)
