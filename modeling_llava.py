@@ -295,7 +295,7 @@ class Attention(nn.Module):
         self.dropout_rate = dropout_rate
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                rotary: Optional[tuple] = None) -> torch.Tensor:
+                rotary: Optional[tuple] = None, cache: Optional["KVCache"] = None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.proj_q_dense_layer(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.proj_k_dense_layer(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -305,6 +305,8 @@ class Attention(nn.Module):
         if rotary is not None:  # fp32 tables: cast back so q, k, v share a dtype (half outputs on CSX)
             q = apply_interleaved_rotary(q, *rotary).to(v.dtype)
             k = apply_interleaved_rotary(k, *rotary).to(v.dtype)
+        if cache is not None:  # generation: attend to every earlier token's keys too
+            k, v = cache.append(k, v)
         if self.num_kv_heads != self.num_heads:  # torch 2.4 has no enable_gqa flag
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)
@@ -460,8 +462,9 @@ class LlamaDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                rotary: Optional[tuple] = None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rotary=rotary))
+                rotary: Optional[tuple] = None, cache: Optional["KVCache"] = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rotary=rotary,
+                                            cache=cache))
         return x + self.dropout(self.ffn(self.norm3(x)))
 
 
@@ -565,11 +568,72 @@ class LlamaLMModel(nn.Module):
         x = stack.run_layers(x, len(stack.layers), attn_mask=attn_mask, is_causal=False, rotary=rotary)
         return self.ln_f(x)
 
+    def new_caches(self, batch: int, max_len: int, dtype, device) -> list["KVCache"]:
+        attn = self.transformer_decoder.layers[0].self_attn
+        return [KVCache(batch, attn.num_kv_heads, max_len, attn.head_dim, dtype, device)
+                for _ in self.transformer_decoder.layers]
+
+    def decode_cached(self, embeddings: torch.Tensor, position_ids: torch.Tensor, attend: torch.Tensor,
+                      caches: list["KVCache"]) -> torch.Tensor:
+        """Decoder over new tokens [B, S, H] at positions [B, S], appending their keys/values to `caches`;
+        attend [B, 1, S, L] (bool, True = attend) covers the L = cached + new keys. Final-norm hidden states."""
+        rotary = rotary_for_positions(position_ids, self.inverse_frequencies(embeddings.device),
+                                      self.pos_scaling_factor)
+        x = embeddings
+        for layer, cache in zip(self.transformer_decoder.layers, caches):
+            x = layer(x, attn_mask=attend, rotary=rotary, cache=cache)
+        return self.ln_f(x)
+
     def forward(self, input_ids: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
         embeddings = self.compute_input_embeddings(input_ids)
         return self.lm_head(self.decode(embeddings, key_padding_mask, position_ids, segment_ids))
+
+
+class KVCache:
+    """Static-size key/value cache of one decoder layer, [B, kv_heads, max_len, head_dim], filled left to right:
+    allocated once per generate() call, so decoding never re-encodes the prompt nor reallocates."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        self.keys = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"generation needs {end} positions but the cache holds {self.keys.shape[2]}")
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def next_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of logits [B, V]: argmax at temperature 0, else a sample from the temperature-scaled
+    distribution restricted to the top_k tokens (0 = all) and to the smallest set holding top_p of the mass."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > top_p  # tokens after the mass already reached top_p
+        logits = logits.scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def matched_stop(tokens: list[int], stop_sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the stop sequence `tokens` ends with (0 = none)."""
+    for seq in stop_sequences:
+        if len(seq) and tokens[-len(seq):] == list(seq):
+            return len(seq)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,6 +724,56 @@ class Llava(nn.Module):
                                           packed.get("dynamic", False))
         merged = self.merge(text, self.image_features(image_data), image_start_idx)
         return self.text_model.decode(merged, key_padding_mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 image_data: Optional[torch.Tensor] = None, image_start_idx: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 64, eos_token_ids: Sequence[int] = (), temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+                 stop_sequences: Sequence[Sequence[int]] = ()) -> list[list[int]]:
+        """Answer a batch of prompts; returns each row's new tokens, without the EOS / stop sequence that ended it.
+
+        input_ids [B, S]: prompts padded on the left (attention_mask [B, S], 1 = real token), each holding the NP
+        image slots at image_start_idx [B] when image_data [B, C, H, W] is given. The image features are computed
+        once; the prompt is encoded once into static-size key/value caches, then one token per step."""
+        b, s = input_ids.shape
+        real = attention_mask.bool()
+        embeds = self.text_model.compute_input_embeddings(input_ids)
+        if image_data is not None:
+            embeds = self.merge(embeds, self.image_features(image_data), image_start_idx)
+        caches = self.text_model.new_caches(b, s + max_new_tokens, embeds.dtype, embeds.device)
+        keys = torch.zeros(b, s + max_new_tokens, dtype=torch.bool, device=embeds.device)
+        keys[:, :s] = real
+        causal = torch.ones(s, s, dtype=torch.bool, device=embeds.device).tril()
+        eye = torch.eye(s, dtype=torch.bool, device=embeds.device)  # a pad query sees itself: no all-masked row
+        attend = (causal & real[:, None, None, :]) | eye
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        hidden = self.text_model.decode_cached(embeds, positions, attend, caches)[:, -1]
+        position = positions[:, -1:] + 1
+        eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=embeds.device)
+        history: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        for step in range(max_new_tokens):
+            token = next_tokens(self.text_model.lm_head(hidden), temperature, top_k, top_p, generator)
+            is_eos = torch.isin(token, eos).tolist() if len(eos) else [False] * b
+            for row, (t, end) in enumerate(zip(token.tolist(), is_eos)):
+                if done[row]:
+                    continue
+                done[row] = end
+                if not end:
+                    history[row].append(t)
+                    stop = matched_stop(history[row], stop_sequences)
+                    if stop:
+                        del history[row][-stop:]
+                        done[row] = True
+            if all(done) or step == max_new_tokens - 1:
+                break
+            keys[:, s + step] = True
+            attend = keys[:, None, None, :s + step + 1]
+            embeds = self.text_model.compute_input_embeddings(token[:, None])
+            hidden = self.text_model.decode_cached(embeds, position, attend, caches)[:, -1]
+            position = position + 1
+        return history
 
     def forward(self, image_data: torch.Tensor, text_input_ids: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, image_start_idx: Optional[torch.Tensor] = None,

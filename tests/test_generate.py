@@ -1,0 +1,92 @@
+"""Generation with a key/value cache (modeling_llava.Llava.generate): greedy output token for token equal to
+transformers' generate() on the same weights (LlavaForConditionalGeneration, tiny random configs, fp32), for one
+prompt and for a left-padded batch of prompts of different lengths; sampling and stopping rules.
+
+    python -m pytest -q tests/test_generate.py
+"""
+
+import pytest
+import torch
+
+import modeling_llava as ml
+from test_model_families import llava_pair
+
+NP = 16  # image tokens of the tiny towers (28 / 7 = 4 per side; CLIP's CLS dropped, SigLIP has none)
+
+
+def prompts(image_token: int, lengths: list[int], start: int = 3, seed: int = 0):
+    """Left-padded prompts with NP image tokens at `start` of each prompt; (hf ids, our ids, mask, starts)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    hf_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    starts = []
+    for row, n in enumerate(lengths):
+        ids = torch.randint(1, image_token, (n,), generator=g)
+        ids[start:start + NP] = image_token
+        hf_ids[row, width - n:] = ids
+        mask[row, width - n:] = 1
+        starts.append(width - n + start)
+    return hf_ids, hf_ids.clone(), mask, torch.tensor(starts)
+
+
+def hf_new_tokens(hf, ids, mask, pixels, max_new, eos):
+    out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=max_new,
+                      do_sample=False, eos_token_id=eos, pad_token_id=0)
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        rows.append(row[:row.index(eos)] if eos in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("vision,text_family", [("clip", "llama3"), ("siglip", "qwen2"), ("siglip", "qwen3")])
+@pytest.mark.parametrize("lengths", [[24], [30, 21, 26]], ids=["batch1", "padded_batch3"])
+def test_greedy_generation_equals_transformers_generate(vision, text_family, lengths):
+    hf, ours, image_token = llava_pair(vision, text_family)
+    hf_ids, our_ids, mask, starts = prompts(image_token, lengths)
+    pixels = torch.randn(len(lengths), 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    eos = 5
+    with torch.no_grad():
+        theirs = hf_new_tokens(hf, hf_ids, mask, pixels, 20, eos)
+    mine = ours.model.generate(our_ids, mask, pixels, starts, max_new_tokens=20, eos_token_ids=[eos])
+    assert mine == theirs
+    assert any(len(row) > 5 for row in mine)  # the comparison covers real decoding steps
+
+
+def test_generation_stops_at_eos_and_at_stop_sequences():
+    _, ours, image_token = llava_pair("clip", "llama3")
+    _, ids, mask, starts = prompts(image_token, [24, 20])
+    pixels = torch.randn(2, 3, 28, 28)
+    free = ours.model.generate(ids, mask, pixels, starts, max_new_tokens=12)
+    assert [len(r) for r in free] == [12, 12]
+    first = free[0][4]
+    cut = ours.model.generate(ids, mask, pixels, starts, max_new_tokens=12, eos_token_ids=[first])
+    assert cut[0] == free[0][:free[0].index(first)]  # stopped before its first EOS, EOS not returned
+    seq = free[1][3:5]
+    stopped = ours.model.generate(ids, mask, pixels, starts, max_new_tokens=12, stop_sequences=[seq])
+    end = next(i for i in range(2, 13) if free[1][i - 2:i] == seq)
+    assert stopped[1] == free[1][:end - 2]
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    a = ml.next_tokens(logits, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(7))
+    b = ml.next_tokens(logits, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(20):
+        t = ml.next_tokens(logits, temperature=1.0, top_k=3)
+        assert all(t[i] in top3[i] for i in range(4))
+    # top_p small enough keeps only the most likely token
+    assert torch.equal(ml.next_tokens(logits * 10, temperature=1.0, top_p=0.01), logits.argmax(-1))
+    assert torch.equal(ml.next_tokens(logits, temperature=0.0), logits.argmax(-1))
+
+
+def test_cache_holds_exactly_prompt_plus_new_tokens():
+    cache = ml.KVCache(1, 2, 4, 8, torch.float32, "cpu")
+    cache.append(torch.ones(1, 2, 3, 8), torch.ones(1, 2, 3, 8))
+    k, v = cache.append(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+    assert k.shape == (1, 2, 4, 8) and cache.length == 4
+    with pytest.raises(ValueError, match="cache holds 4"):
+        cache.append(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
