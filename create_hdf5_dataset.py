@@ -582,6 +582,17 @@ class TokenLayout:
             n += 1
         return n
 
+    def prompt_ids(self, question: str) -> list[int]:
+        """Phase-2 inference prompt: the tokens a training row holds before its first answer, for one question
+        (the image slots hold pad ids; the model writes the image features over them)."""
+        if self.phase != 2:
+            raise ValueError("prompts follow the phase-2 layout; give the phase-2 data's data_params.json")
+        slots = self.templates[1][0, :self.prefix_len].tolist()
+        question = "\n" + question.replace("<image>", "").strip()
+        if self.chat is not None:
+            return slots + self.chat.generation_prompt(question)
+        return slots + self.encode([question])[0] + self.assistant_ids
+
     def write_row(self, row: np.ndarray, ids: list[int], tgt: list[int]) -> None:
         """Write a sample's suffix into `row`, which already holds templates[v]."""
         p, n = self.prefix_len, len(ids)
@@ -697,6 +708,16 @@ class ChatTurns:
                 return "template_mismatch", None
             cuts += [start - base, end - base, end - base + len(self.end_of_turn)]
         return None, (text[base:], cuts)
+
+    def generation_prompt(self, question: str) -> list[int]:
+        """Tokens after the image of a one-question conversation rendered with the generation prompt."""
+        text = self.tok.apply_chat_template([{"role": "user", "content": IMAGE_MARK + question}],
+                                            chat_template=self.template, tokenize=False, add_generation_prompt=True,
+                                            **TEMPLATE_VARIABLES)
+        head = self.prefix_text + IMAGE_MARK
+        if not text.startswith(head):
+            raise ValueError(f"the chat template renders a different text before the image for {question[:40]!r}")
+        return self.encode([text[len(head):]])[0]
 
     def segments(self, full: list[int], bounds: list[int]) -> list[tuple[list[int], list[int]]] | None:
         """Turn segments from T's tokens and the token index of every cut; None if an end of turn is not the

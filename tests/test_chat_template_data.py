@@ -270,3 +270,23 @@ def test_phase1_with_the_real_tokenizers(tmp_path, image_dir, name):
     ids = bos + [pad] * NP + tok.encode(A1, add_special_tokens=False) + [eos]
     np.testing.assert_array_equal(rows[0, 2, :len(ids) - 1], ids[1:])
     assert result["image_patch_info"]["image_patch_start_idx"] == len(bos)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference prompts follow the training layout
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["vicuna_v1", "chat_template"])
+def test_prompt_ids_are_the_tokens_before_the_first_answer(tmp_path, tok_dir, bpe_dirs, image_dir, style):
+    folder = tok_dir if style == "vicuna_v1" else bpe_dirs["llama3"]
+    records = [{"id": "1", "image": "a.jpg", "conversations": conv(f"<image>\n{Q1}", A1)}]
+    _, rows = run(tmp_path, folder, image_dir, records, system_prompt_style=style)
+    raw = {"setup": {"input_dir": "in", "output_dir": "out"},
+           "processing": {"huggingface_tokenizer": str(folder), "max_seq_length": 256},
+           "dataset": {"image_dir": str(image_dir), "num_patches": NP, "system_prompt_style": style}}
+    cfg = c.parse_config(raw, "test")
+    layout = c.TokenLayout(c.load_tokenizer(folder), cfg, 2)
+    prompt = layout.prompt_ids(f"<image>\n{Q1}")
+    first_target = int(np.argmax(rows[0, 1]))  # loss position t predicts token t + 1, the first answer token
+    assert prompt == rows[0, 0, :first_target + 1].tolist()
