@@ -733,7 +733,7 @@ class Llava(nn.Module):
                  stop_sequences: Sequence[Sequence[int]] = ()) -> list[list[int]]:
         """Answer a batch of prompts; returns each row's new tokens, without the EOS / stop sequence that ended it.
 
-        input_ids [B, S]: prompts padded on the left (attention_mask [B, S], 1 = real token), each holding the NP
+        input_ids [B, S]: prompts padded on the left (attention_mask [B, S], 1 = attended token), each holding the NP
         image slots at image_start_idx [B] when image_data [B, C, H, W] is given. The image features are computed
         once; the prompt is encoded once into static-size key/value caches, then one token per step."""
         b, s = input_ids.shape
@@ -747,7 +747,9 @@ class Llava(nn.Module):
         causal = torch.ones(s, s, dtype=torch.bool, device=embeds.device).tril()
         eye = torch.eye(s, dtype=torch.bool, device=embeds.device)  # a pad query sees itself: no all-masked row
         attend = (causal & real[:, None, None, :]) | eye
-        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        # positions count from each row's first real token; masked slots after it (a text-only row's image
+        # slots, as in training) still take their positions
+        positions = (torch.arange(s, device=embeds.device) - real.long().argmax(1, keepdim=True)).clamp(min=0)
         hidden = self.text_model.decode_cached(embeds, positions, attend, caches)[:, -1]
         position = positions[:, -1:] + 1
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=embeds.device)

@@ -910,6 +910,8 @@ def run_torch(args, params: dict, sections: dict) -> dict:
         if eval_cfg is None:
             raise SystemExit(f"--mode eval needs an eval_input section in {args.params}")
         results = evaluate(rt, rc, eval_cfg, model_cfg, llava, wrapped, checkpoint_step, model_dir)
+    if args.mode == "predict":
+        results = predict(args, rt, sections, llava.to(rt.device), checkpoint_step, model_dir)
     rt.barrier()
     return results
 
@@ -1191,6 +1193,218 @@ def report_eval(model_dir: Path, step: int, metrics: dict, detail: str = "") -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# Answers: --mode predict (benchmark questions in the LLaVA repo's format -> its answer format)
+
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(text: str) -> str:
+    """The standard VQA answer normalisation: lower case, punctuation dropped (a decimal point kept), articles
+    dropped, number words as digits."""
+    text = text.lower().replace("\n", " ").strip()
+    text = re.sub(r"(?<!\d)\.(?!\d)|[^\w\s.]", " ", text)
+    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
+
+
+def answer_scores(prediction: str, references: list[str]) -> tuple[float, float]:
+    """(exact match, VQA accuracy) after normalize_answer. VQA accuracy = min(1, matching references / 3) as for
+    VQAv2's 10 human answers; with fewer than 3 references the divisor is their number (one reference: exact)."""
+    pred = normalize_answer(prediction)
+    matches = sum(pred == normalize_answer(r) for r in references)
+    return float(matches > 0), min(1.0, matches / min(3, max(len(references), 1)))
+
+
+def read_questions(path: Path) -> tuple[list[dict], int]:
+    """Questions (json lines with question_id, text, optional image / category / answer(s)); bad lines counted."""
+    questions, bad = [], 0
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                q = None
+            if not isinstance(q, dict) or "question_id" not in q or not isinstance(q.get("text"), str):
+                log.warning("%s:%d: not a question (json with question_id and text): skipped", path, line_no)
+                bad += 1
+                continue
+            questions.append(q)
+    return questions, bad
+
+
+def references_of(q: dict) -> Optional[list[str]]:
+    refs = q.get("answers", q.get("answer"))
+    if refs is None:
+        return None
+    refs = refs if isinstance(refs, list) else [refs]
+    return [r["answer"] if isinstance(r, dict) else str(r) for r in refs]
+
+
+def prompt_layout(args, sections: dict):
+    """The phase-2 data's TokenLayout (tokenizer, prompt style, image slots) from its data_params.json."""
+    import create_hdf5_dataset as hd
+
+    cfg = sections.get("eval_input") or sections.get("train_input")
+    where = Path(args.data_params) if args.data_params else None
+    if where is None and cfg is not None:
+        where = Path(cfg.data_dir if isinstance(cfg.data_dir, str) else cfg.data_dir[0]) / "data_params.json"
+    if where is None or not where.is_file():
+        raise SystemExit(f"--mode predict builds prompts as the phase-2 data did and reads its data_params.json "
+                         f"({where} not found): pass --data_params PATH")
+    params = json.loads(where.read_text())
+    pre = hd.parse_config({k: params[k] for k in ("setup", "processing", "dataset") if k in params}, str(where))
+    tok = hd.load_tokenizer(pre.processing.huggingface_tokenizer, f"{where}: processing.huggingface_tokenizer")
+    return hd.TokenLayout(tok, pre, 2), tok
+
+
+def load_question_image(q: dict, image_root: Optional[str], transform):
+    """The question's image as a CHW tensor, or None for a text-only question; raises ValueError with why."""
+    import create_hdf5_dataset as hd
+    import torch
+    from PIL import Image
+
+    rel = q.get("image")
+    if rel is None:
+        return None
+    if not isinstance(rel, str) or image_root is None or not hd.safe_relative_path(rel):
+        raise ValueError(f"image {rel!r} is not a relative path under img_data_dir")
+    path = os.path.join(image_root, rel)
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(transform(im.convert("RGB")))
+    except OSError as e:
+        raise ValueError(f"image {path}: {e}") from None
+
+
+def predict(args, rt: Runtime, sections: dict, llava, step: int, model_dir: Path) -> dict:
+    """Answer every question once (resumable, split across ranks), write the answers in question order, and score
+    them when the questions carry reference answers."""
+    import create_hdf5_dataset as hd
+    from tqdm import tqdm
+
+    if not args.questions or not args.answers:
+        raise SystemExit("--mode predict needs --questions FILE and --answers OUT")
+    layout, tok = prompt_layout(args, sections)
+    cfg = sections.get("eval_input") or sections.get("train_input")
+    transform = hd.build_transforms(cfg.transforms if cfg else None)
+    questions, bad_lines = read_questions(Path(args.questions))
+    out = Path(args.answers)
+    partial = out.with_name(f".{out.name}.partial-rank{rt.rank}")
+    answered = {json.loads(line)["question_id"] for line in partial.read_text().splitlines() if line.strip()} \
+        if partial.is_file() else set()
+    mine = [q for i, q in enumerate(questions) if i % rt.world_size == rt.rank and q["question_id"] not in answered]
+    counts = {"bad_lines": bad_lines, "bad_image": 0, "too_long": 0}
+    limit = llava.config.text_model.max_position_embeddings
+    llava.eval()
+    with open(partial, "a", encoding="utf-8") as f:
+        for start in tqdm(range(0, len(mine), args.predict_batch_size), desc="predict", unit="batch",
+                          disable=args.no_progress or not rt.is_main):
+            batch = []
+            for q in mine[start:start + args.predict_batch_size]:
+                try:
+                    image = load_question_image(q, cfg.img_data_dir if cfg else None, transform)
+                except ValueError as e:
+                    log.warning("question %s: %s: skipped", q["question_id"], e)
+                    counts["bad_image"] += 1
+                    continue
+                ids = layout.prompt_ids(q["text"])
+                if len(ids) + args.max_new_tokens > limit:
+                    counts["too_long"] += 1
+                    continue
+                batch.append((q, ids, image))
+            for q, text in zip([b[0] for b in batch], answer_batch(rt, llava, layout, tok, batch, args)):
+                record = {"question_id": q["question_id"], "prompt": q["text"], "text": text,
+                          "answer_id": f"{q['question_id']}-{step}", "model_id": str(model_dir.name),
+                          "metadata": {"step": step}}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+    counts = dict(zip(counts, (int(v) for v in rt.all_reduce([float(v) for v in counts.values()]))))
+    rt.barrier()
+    if not rt.is_main:
+        return {}
+    return finish_predictions(questions, out, rt.world_size, counts, model_dir, step)
+
+
+def answer_batch(rt: Runtime, llava, layout, tok, batch: list, args) -> list[str]:
+    """Generated answer texts of (question, prompt ids, image or None) triples, left-padded into one batch.
+    A text-only row's image slots are masked as in its training rows (and still count as positions)."""
+    import torch
+
+    if not batch:
+        return []
+    width = max(len(ids) for _, ids, _ in batch)
+    ids = torch.full((len(batch), width), layout.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    images = [img for _, _, img in batch]
+    some_image = next((img for img in images if img is not None), None)
+    slots_end = layout.image_start_idx + layout.np_slots
+    for row, (_, p, image) in enumerate(batch):
+        pad = width - len(p)
+        ids[row, pad:] = torch.tensor(p)
+        mask[row, pad:] = 1
+        if image is None:
+            mask[row, pad + layout.text_only_mask_start:pad + slots_end] = 0
+    pixels = None
+    if some_image is not None:  # a text-only row gets zeros, whose features land on its masked slots
+        pixels = torch.stack([img if img is not None else torch.zeros_like(some_image) for img in images])
+        pixels = pixels.to(rt.device)
+    starts = torch.tensor([width - len(p) + layout.image_start_idx for _, p, _ in batch], device=rt.device)
+    generator = torch.Generator(device=rt.device).manual_seed(args.seed) if args.temperature > 0 else None
+    with torch.no_grad(), rt.autocast():
+        tokens = llava.model.generate(ids.to(rt.device), mask.to(rt.device), pixels, starts,
+                                      max_new_tokens=args.max_new_tokens, eos_token_ids=[layout.eos_id],
+                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                      generator=generator)
+    return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+
+def finish_predictions(questions: list, out: Path, world: int, counts: dict, model_dir: Path, step: int) -> dict:
+    """Merge the ranks' partial files in question order into `out` (atomically), score, remove the partials."""
+    partials = [out.with_name(f".{out.name}.partial-rank{r}") for r in range(world)]
+    by_id = {}
+    for p in partials:
+        if p.is_file():
+            for line in p.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    by_id[rec["question_id"]] = rec
+    ordered = [by_id[q["question_id"]] for q in questions if q["question_id"] in by_id]
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
+    os.replace(tmp, out)
+    for p in partials:
+        p.unlink(missing_ok=True)
+    metrics = {"step": step, "questions": len(questions), "answered": len(ordered), "skipped": counts}
+    scored = [(q, by_id[q["question_id"]]["text"]) for q in questions
+              if q["question_id"] in by_id and references_of(q) is not None]
+    if scored:
+        per_category: dict = {}
+        for q, text in scored:
+            em, vqa = answer_scores(text, references_of(q))
+            for key in {"all", str(q.get("category", "all"))}:
+                c = per_category.setdefault(key, [0, 0.0, 0.0])
+                c[0] += 1
+                c[1] += em
+                c[2] += vqa
+        metrics["accuracy"] = {k: {"questions": n, "exact_match": em / n, "vqa_accuracy": vqa / n}
+                               for k, (n, em, vqa) in sorted(per_category.items())}
+    print(f"predict: {len(ordered)} answers written to {out} ({len(questions)} questions; skipped: "
+          f"{', '.join(f'{k} {v}' for k, v in counts.items())})")
+    for k, m in metrics.get("accuracy", {}).items():
+        print(f"  {k}: exact match {m['exact_match']:.1%}, VQA accuracy {m['vqa_accuracy']:.1%} over "
+              f"{m['questions']} questions")
+    tmp = model_dir / f".predict_{step}.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, model_dir / f"predict_{step}.json")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -1200,7 +1414,7 @@ def build_parser():
     for target in ("CSX", "GPU", "CPU"):
         p = sub.add_parser(target, help=f"run on {target}")
         p.add_argument("-p", "--params", required=True, help="yaml config (train_input, eval_input, model, ...)")
-        p.add_argument("-m", "--mode", required=True, choices=["train", "eval", "train_and_eval"])
+        p.add_argument("-m", "--mode", required=True, choices=["train", "eval", "train_and_eval", "predict"])
         p.add_argument("-o", "--model_dir", default="model_dir", help="checkpoints, logs, resolved config")
         p.add_argument("--checkpoint_path", help="checkpoint to start from (default: newest in model_dir)")
         p.add_argument("--load_checkpoint_states", help='"model" for weights only, or a comma list of states')
@@ -1209,6 +1423,17 @@ def build_parser():
         p.add_argument("--disable_strict_checkpoint_loading", action="store_true")
         p.add_argument("--logging", default="INFO", help="log level")
         p.add_argument("--no_progress", action="store_true", help="no progress bar")
+        if target != "CSX":
+            g = p.add_argument_group("--mode predict")
+            g.add_argument("--questions", help="questions, json lines (question_id, image, text[, category, answer])")
+            g.add_argument("--answers", help="answers file to write (the LLaVA repo's answer format)")
+            g.add_argument("--data_params", help="the phase-2 data's data_params.json (default: eval_input's)")
+            g.add_argument("--max_new_tokens", type=int, default=128)
+            g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+            g.add_argument("--top_p", type=float, default=1.0)
+            g.add_argument("--top_k", type=int, default=0)
+            g.add_argument("--seed", type=int, default=0, help="sampling seed")
+            g.add_argument("--predict_batch_size", type=int, default=8)
         if target == "CSX":
             p.add_argument("--num_csx", type=int, default=1)
             p.add_argument("--mgmt_address", help="cluster management address HOST:PORT")

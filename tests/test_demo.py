@@ -108,3 +108,52 @@ def test_exported_llava_hf_model_answers_through_transformers(demo_run):
         right += answer.strip().split(" ")[0].strip(".").lower() == r["conversations"][1]["value"].lower()
     accuracy = right / len(records)
     assert accuracy >= 2 * metrics["uniform_chance"], (accuracy, metrics)
+
+
+def held_out_questions(out, limit=40):
+    """The demo's held-out phase-2 image questions in the LLaVA repo's question format, with reference answers."""
+    import json
+
+    records = [json.loads(line) for line in (out / "data" / "phase2" / "eval" / "data.jsonl").read_text().splitlines()]
+    records = [r for r in records if "image" in r][:limit]
+    return [{"question_id": f"q{i}", "image": r["image"], "category": "demo",
+             "text": r["conversations"][0]["value"].replace("<image>", "").strip(),
+             "answer": r["conversations"][1]["value"]} for i, r in enumerate(records)]
+
+
+def test_predict_mode_answers_held_out_questions_and_resumes(demo_run, tmp_path):
+    """run.py --mode predict: prompts as the phase-2 data built them, answers in the LLaVA repo's format in
+    question order, accuracy far above chance, an interrupted run's answers kept, a bad line and a missing image
+    skipped and counted."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    metrics, out = demo_run
+    root = Path(__file__).resolve().parents[1]
+    questions = held_out_questions(out)
+    lines = [json.dumps(q) for q in questions] + ["{not json", json.dumps(
+        {"question_id": "missing", "image": "train/nope.png", "text": "What?"})]
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text("\n".join(lines) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    # an interrupted run had answered q0 already: it must be kept, not redone
+    (tmp_path / ".answers.jsonl.partial-rank0").write_text(json.dumps(
+        {"question_id": "q0", "prompt": "p", "text": "kept", "answer_id": "x", "model_id": "m", "metadata": {}}) + "\n")
+    params = out / "runs" / "phase2" / "params_train_and_eval.yaml"
+    cmd = [sys.executable, str(root / "run.py"), "CPU", "--mode", "predict", "--params", str(params),
+           "--model_dir", str(tmp_path / "pred"), "--checkpoint_path", metrics["phase2_checkpoint"],
+           "--questions", str(qfile), "--answers", str(answers), "--max_new_tokens", "4", "--no_progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [a["question_id"] for a in got] == [q["question_id"] for q in questions]
+    assert set(got[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert got[0]["text"] == "kept"
+    right = sum(a["text"].split(" ")[0].strip(".").lower() == q["answer"].lower() for a, q in zip(got[1:], questions[1:]))
+    assert right / (len(got) - 1) >= 2 * metrics["uniform_chance"], (right, metrics)
+    report = json.loads((tmp_path / "pred" / "predict_200.json").read_text())
+    assert report["skipped"] == {"bad_lines": 1, "bad_image": 1, "too_long": 0}
+    assert set(report["accuracy"]) == {"all", "demo"}
+    assert not list(tmp_path.glob(".answers.jsonl.*"))  # partial files merged and removed

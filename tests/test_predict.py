@@ -1,0 +1,36 @@
+"""Answer scoring of run.py --mode predict (the standard VQA normalisation) and question reading.
+
+    python -m pytest -q tests/test_predict.py
+
+The end-to-end predict run (trained demo model, answers file, resume, skipped inputs) is in tests/test_demo.py."""
+
+import pytest
+
+import run
+
+
+@pytest.mark.parametrize("raw,normal", [("The Red.", "red"), ("two", "2"), ("an apple, please!", "apple please"),
+                                        ("3.5 m", "3.5 m"), ("Yes\n", "yes")])
+def test_normalize_answer(raw, normal):
+    assert run.normalize_answer(raw) == normal
+
+
+def test_answer_scores_exact_and_vqa():
+    assert run.answer_scores("Two.", ["2"]) == (1.0, 1.0)
+    assert run.answer_scores("red", ["blue"]) == (0.0, 0.0)
+    ten = ["red"] * 2 + ["dark red"] * 8
+    assert run.answer_scores("red", ten) == (1.0, pytest.approx(2 / 3))
+    assert run.answer_scores("red", ["red"] * 4 + ["blue"] * 6) == (1.0, 1.0)
+
+
+def test_read_questions_counts_bad_lines(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_bytes(b'{"question_id": 1, "text": "a?"}\n{broken\n\xff\n{"question_id": 2}\n\n{"question_id": 3, "text": "b"}\n')
+    questions, bad = run.read_questions(f)
+    assert [q["question_id"] for q in questions] == [1, 3] and bad == 3
+
+
+def test_references_of_accepts_answer_and_vqa_answers():
+    assert run.references_of({"answer": "x"}) == ["x"]
+    assert run.references_of({"answers": [{"answer": "a"}, {"answer": "b"}]}) == ["a", "b"]
+    assert run.references_of({}) is None
