@@ -41,7 +41,7 @@ import time
 import unicodedata
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -582,16 +582,23 @@ class TokenLayout:
             n += 1
         return n
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """Phase-2 inference prompt: the tokens a training row holds before its first answer, for one question
-        (the image slots hold pad ids; the model writes the image features over them)."""
+    def prompt_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Phase-2 inference prompt: the tokens a training row holds before the answer to `question`, after the
+        earlier (question, answer) turns of `history` (the image slots hold pad ids; the model writes the image
+        features over them)."""
         if self.phase != 2:
             raise ValueError("prompts follow the phase-2 layout; give the phase-2 data's data_params.json")
         slots = self.templates[1][0, :self.prefix_len].tolist()
-        question = "\n" + question.replace("<image>", "").strip()
+        questions = [q for q, _ in history] + [question]
+        questions[0] = "\n" + questions[0].replace("<image>", "").strip()
         if self.chat is not None:
-            return slots + self.chat.generation_prompt(question)
-        return slots + self.encode([question])[0] + self.assistant_ids
+            return slots + self.chat.generation_prompt(questions, [a for _, a in history])
+        ids = []
+        for i, q in enumerate(questions):
+            ids += (self.user_ids if i else []) + self.encode([q])[0] + self.assistant_ids
+            if i < len(history):
+                ids += self.encode([history[i][1]])[0] + [self.eos_id]
+        return slots + ids
 
     def write_row(self, row: np.ndarray, ids: list[int], tgt: list[int]) -> None:
         """Write a sample's suffix into `row`, which already holds templates[v]."""
@@ -709,14 +716,19 @@ class ChatTurns:
             cuts += [start - base, end - base, end - base + len(self.end_of_turn)]
         return None, (text[base:], cuts)
 
-    def generation_prompt(self, question: str) -> list[int]:
-        """Tokens after the image of a one-question conversation rendered with the generation prompt."""
-        text = self.tok.apply_chat_template([{"role": "user", "content": IMAGE_MARK + question}],
-                                            chat_template=self.template, tokenize=False, add_generation_prompt=True,
-                                            **TEMPLATE_VARIABLES)
+    def generation_prompt(self, questions: list[str], answers: list[str]) -> list[int]:
+        """Tokens after the image of a conversation (questions[i], answers[i], ..., questions[-1]) rendered with
+        the generation prompt."""
+        messages = []
+        for i, q in enumerate(questions):
+            messages.append({"role": "user", "content": IMAGE_MARK + q if i == 0 else q})
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": answers[i]})
+        text = self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                            add_generation_prompt=True, **TEMPLATE_VARIABLES)
         head = self.prefix_text + IMAGE_MARK
         if not text.startswith(head):
-            raise ValueError(f"the chat template renders a different text before the image for {question[:40]!r}")
+            raise ValueError(f"the chat template renders a different text before the image for {questions[0][:40]!r}")
         return self.encode([text[len(head):]])[0]
 
     def segments(self, full: list[int], bounds: list[int]) -> list[tuple[list[int], list[int]]] | None:

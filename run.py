@@ -912,6 +912,8 @@ def run_torch(args, params: dict, sections: dict) -> dict:
         results = evaluate(rt, rc, eval_cfg, model_cfg, llava, wrapped, checkpoint_step, model_dir)
     if args.mode == "predict":
         results = predict(args, rt, sections, llava.to(rt.device), checkpoint_step, model_dir)
+    if args.mode == "chat":
+        results = chat(args, rt, sections, llava.to(rt.device))
     rt.barrier()
     return results
 
@@ -1362,6 +1364,56 @@ def answer_batch(rt: Runtime, llava, layout, tok, batch: list, args) -> list[str
     return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
+def chat(args, rt: Runtime, sections: dict, llava) -> dict:
+    """A console conversation about one image (--prompt: one answer, printed alone, then exit)."""
+    import create_hdf5_dataset as hd
+    import torch
+    from PIL import Image
+
+    if not args.image:
+        raise SystemExit("--mode chat needs --image IMG (and --prompt TEXT to answer once)")
+    layout, tok = prompt_layout(args, sections)
+    cfg = sections.get("eval_input") or sections.get("train_input")
+    try:
+        with Image.open(args.image) as im:
+            image = torch.from_numpy(hd.build_transforms(cfg.transforms if cfg else None)(im.convert("RGB")))
+    except OSError as e:
+        raise SystemExit(f"--image {args.image}: cannot read it as an image ({e})") from None
+    limit = llava.config.text_model.max_position_embeddings
+    history: list = []
+    llava.eval()
+
+    def reply(question: str) -> Optional[str]:
+        ids = layout.prompt_ids(question, history)
+        if len(ids) + args.max_new_tokens > limit:
+            print(f"The conversation ({len(ids)} tokens + {args.max_new_tokens} new) no longer fits the model's "
+                  f"{limit} positions: start a new chat or lower --max_new_tokens.", file=sys.stderr)
+            return None
+        text = answer_batch(rt, llava, layout, tok, [(None, ids, image)], args)[0]
+        history.append((question, text))
+        return text
+
+    if args.prompt:
+        answer = reply(args.prompt)
+        if answer is None:
+            raise SystemExit(1)
+        print(answer)
+        return {"answer": answer}
+    print(f"Chat about {args.image} (empty line or Ctrl-D to end)")
+    while True:
+        try:
+            question = input("USER: ")
+        except EOFError:
+            break
+        if not question.strip():
+            break
+        answer = reply(question)
+        if answer is None:
+            break
+        print(f"ASSISTANT: {answer}", flush=True)
+    return {"turns": len(history)}
+
+
 def finish_predictions(questions: list, out: Path, world: int, counts: dict, model_dir: Path, step: int) -> dict:
     """Merge the ranks' partial files in question order into `out` (atomically), score, remove the partials."""
     partials = [out.with_name(f".{out.name}.partial-rank{r}") for r in range(world)]
@@ -1414,7 +1466,7 @@ def build_parser():
     for target in ("CSX", "GPU", "CPU"):
         p = sub.add_parser(target, help=f"run on {target}")
         p.add_argument("-p", "--params", required=True, help="yaml config (train_input, eval_input, model, ...)")
-        p.add_argument("-m", "--mode", required=True, choices=["train", "eval", "train_and_eval", "predict"])
+        p.add_argument("-m", "--mode", required=True, choices=["train", "eval", "train_and_eval", "predict", "chat"])
         p.add_argument("-o", "--model_dir", default="model_dir", help="checkpoints, logs, resolved config")
         p.add_argument("--checkpoint_path", help="checkpoint to start from (default: newest in model_dir)")
         p.add_argument("--load_checkpoint_states", help='"model" for weights only, or a comma list of states')
@@ -1424,7 +1476,9 @@ def build_parser():
         p.add_argument("--logging", default="INFO", help="log level")
         p.add_argument("--no_progress", action="store_true", help="no progress bar")
         if target != "CSX":
-            g = p.add_argument_group("--mode predict")
+            g = p.add_argument_group("--mode predict / chat")
+            g.add_argument("--image", help="chat: the image to talk about")
+            g.add_argument("--prompt", help="chat: answer this one question and exit")
             g.add_argument("--questions", help="questions, json lines (question_id, image, text[, category, answer])")
             g.add_argument("--answers", help="answers file to write (the LLaVA repo's answer format)")
             g.add_argument("--data_params", help="the phase-2 data's data_params.json (default: eval_input's)")

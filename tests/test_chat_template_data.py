@@ -290,3 +290,18 @@ def test_prompt_ids_are_the_tokens_before_the_first_answer(tmp_path, tok_dir, bp
     prompt = layout.prompt_ids(f"<image>\n{Q1}")
     first_target = int(np.argmax(rows[0, 1]))  # loss position t predicts token t + 1, the first answer token
     assert prompt == rows[0, 0, :first_target + 1].tolist()
+
+
+@pytest.mark.parametrize("style", ["vicuna_v1", "chat_template"])
+def test_multi_turn_prompt_ids_are_the_tokens_before_the_last_answer(tmp_path, tok_dir, bpe_dirs, image_dir, style):
+    folder = tok_dir if style == "vicuna_v1" else bpe_dirs["qwen2"]
+    records = [{"id": "1", "image": "a.jpg", "conversations": conv(f"<image>\n{Q1}", A1, Q2, A2)}]
+    _, rows = run(tmp_path, folder, image_dir, records, system_prompt_style=style)
+    raw = {"setup": {"input_dir": "in", "output_dir": "out"},
+           "processing": {"huggingface_tokenizer": str(folder), "max_seq_length": 256},
+           "dataset": {"image_dir": str(image_dir), "num_patches": NP, "system_prompt_style": style}}
+    layout = c.TokenLayout(c.load_tokenizer(folder), c.parse_config(raw, "test"), 2)
+    prompt = layout.prompt_ids(Q2, history=[(f"<image>\n{Q1}", A1)])
+    targets = np.flatnonzero(rows[0, 1])
+    second_answer = targets[np.flatnonzero(np.diff(targets) > 1)[0] + 1]  # first loss position of answer 2
+    assert prompt == rows[0, 0, :second_answer + 1].tolist()

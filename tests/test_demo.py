@@ -157,3 +157,30 @@ def test_predict_mode_answers_held_out_questions_and_resumes(demo_run, tmp_path)
     assert report["skipped"] == {"bad_lines": 1, "bad_image": 1, "too_long": 0}
     assert set(report["accuracy"]) == {"all", "demo"}
     assert not list(tmp_path.glob(".answers.jsonl.*"))  # partial files merged and removed
+
+
+def test_chat_mode_answers_about_one_image(demo_run):
+    """run.py --mode chat: --prompt answers once (only the answer on stdout); a console session answers each line
+    with the earlier turns in the prompt, as a multi-turn training row holds them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    metrics, out = demo_run
+    root = Path(__file__).resolve().parents[1]
+    q = held_out_questions(out, limit=1)[0]
+    base = [sys.executable, str(root / "run.py"), "CPU", "--mode", "chat", "--params",
+            str(out / "runs" / "phase2" / "params_train_and_eval.yaml"), "--model_dir", str(out / "chat"),
+            "--checkpoint_path", metrics["phase2_checkpoint"], "--image", str(out / "data" / "images" / q["image"]),
+            "--max_new_tokens", "4", "--logging", "WARNING"]
+    once = subprocess.run(base + ["--prompt", q["text"]], capture_output=True, text=True, cwd=root)
+    assert once.returncode == 0, once.stderr[-2000:]
+    assert len(once.stdout.strip().splitlines()) == 1 and once.stdout.strip()
+    session = subprocess.run(base, input=f"{q['text']}\nHow many shapes are there?\n", capture_output=True,
+                             text=True, cwd=root)
+    assert session.returncode == 0, session.stderr[-2000:]
+    assert session.stdout.count("ASSISTANT: ") == 2
+    missing = subprocess.run(base[:-6] + ["--image", str(out / "nope.png"), "--prompt", "hi"], capture_output=True,
+                             text=True, cwd=root)
+    assert missing.returncode != 0 and "cannot read it as an image" in missing.stderr
+    assert "Traceback" not in missing.stderr
