@@ -176,7 +176,8 @@ def test_chat_mode_answers_about_one_image(demo_run):
     once = subprocess.run(base + ["--prompt", q["text"]], capture_output=True, text=True, cwd=root)
     assert once.returncode == 0, once.stderr[-2000:]
     assert len(once.stdout.strip().splitlines()) == 1 and once.stdout.strip()
-    session = subprocess.run(base, input=f"{q['text']}\nHow many shapes are there?\n", capture_output=True,
+    first_line = q["text"].splitlines()[0]  # one console line per question
+    session = subprocess.run(base, input=f"{first_line}\nHow many shapes are there?\n", capture_output=True,
                              text=True, cwd=root)
     assert session.returncode == 0, session.stderr[-2000:]
     assert session.stdout.count("ASSISTANT: ") == 2
