@@ -1733,6 +1733,8 @@ ANSWER_MARK = "LLAVA-ANSWER-MARK"
 
 def end_of_turn_id(tok, template: str) -> Optional[int]:
     """The special token `template` writes right after an answer (<|eot_id|>, <|im_end|>, </s>), or None."""
+    import create_hdf5_dataset as hd
+
     chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ANSWER_MARK}]
     try:
         text = tok.apply_chat_template(chat, chat_template=template, tokenize=False)
@@ -1740,8 +1742,8 @@ def end_of_turn_id(tok, template: str) -> Optional[int]:
         raise ConversionError(f"the chosen chat template fails on a plain user/assistant conversation ({e}); "
                               "choose another --chat-template") from None
     after = text.split(ANSWER_MARK, 1)[1] if ANSWER_MARK in text else ""
-    special = sorted((t for t in tok.get_added_vocab() if after.startswith(t)), key=len)
-    return tok.convert_tokens_to_ids(special[-1]) if special else None
+    special = hd.special_token_at(tok, after)
+    return tok.convert_tokens_to_ids(special) if special else None
 
 
 def token_ids(tok) -> dict:

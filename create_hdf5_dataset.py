@@ -669,8 +669,7 @@ class ChatTurns:
 
     def _end_of_turn(self, *after_answers: str) -> str:
         """The special token the template writes right after every answer (<|eot_id|>, <|im_end|>, </s>)."""
-        specials = sorted(self.tok.get_added_vocab(), key=len, reverse=True)
-        found = {next((t for t in specials if text.startswith(t)), None) for text in after_answers}
+        found = {special_token_at(self.tok, text) for text in after_answers}
         if len(found) != 1 or None in found:
             raise ConfigError(f"the chat template writes no special token right after an answer (it writes "
                               f"{after_answers[0][:40]!r}); the model could not learn to end its turn. Use a "
@@ -744,10 +743,17 @@ class ChatTurns:
             prev = stop
         return segs
 
+    def bounds_in_context(self, text: str, cuts: list[int], full: list[int]) -> list[int] | None:
+        """The plain check: each cut's token index, where the tokens of T[:cut] are a prefix of T's tokens."""
+        prefix_ids = self.encode([text[:j] for j in cuts])
+        if any(full[:len(ids)] != ids for ids in prefix_ids):
+            return None
+        return [len(ids) for ids in prefix_ids]
+
     def block_segments(self, docs: list) -> list[tuple[str | None, list | None]]:
         """Fast path: the pieces between cuts tokenized on their own concatenate to T's tokens (byte-level BPE
-        tokenizers, cuts next to special tokens). Otherwise (e.g. SentencePiece marks a word start differently
-        mid-text) each cut is checked in context: the tokens of T[:cut] must be a prefix of T's tokens."""
+        tokenizers, cuts next to special tokens); their lengths give the cuts' token indices. Otherwise (e.g.
+        SentencePiece marks a word start differently mid-text) bounds_in_context checks each cut in context."""
         cut = [self.cut(doc[1]) if doc is not None else (None, None) for doc in docs]
         texts = []
         for _, c in cut:
@@ -755,29 +761,27 @@ class ChatTurns:
                 text, cuts = c
                 texts += [text[i:j] for i, j in zip([0, *cuts], cuts)] + [text]
         tokens = iter(self.encode(texts))
-        found = []  # per record: (T's tokens, token index per cut or None for the slow path)
-        for _, c in cut:
-            if c is None:
-                found.append(None)
-                continue
-            parts = [next(tokens) for _ in c[1]]
-            full = next(tokens)
-            bounds = list(itertools.accumulate(len(p) for p in parts))
-            joined = [t for p in parts for t in p]  # T's text after the last cut (e.g. "\n") is not kept
-            found.append((full, bounds if full[:len(joined)] == joined else None))
-        slow = [i for i, f in enumerate(found) if f is not None and f[1] is None]
-        prefixes = iter(self.encode([cut[i][1][0][:j] for i in slow for j in cut[i][1][1]]))
-        for i in slow:
-            full = found[i][0]
-            prefix_ids = [next(prefixes) for _ in cut[i][1][1]]
-            ok = all(full[:len(ids)] == ids for ids in prefix_ids)
-            found[i] = (full, [len(ids) for ids in prefix_ids] if ok else None)
         out = []
-        for (reason, c), f in zip(cut, found):
-            segs = None if f is None or f[1] is None else self.segments(*f)
-            out.append((reason, None) if c is None else
-                       (("tokenization_mismatch", None) if segs is None else (None, segs)))
+        for reason, c in cut:
+            if c is None:
+                out.append((reason, None))
+                continue
+            text, cuts = c
+            parts = [next(tokens) for _ in cuts]
+            full = next(tokens)
+            joined = [t for p in parts for t in p]  # T's text after the last cut (e.g. "\n") is not kept
+            if full[:len(joined)] == joined:
+                bounds = list(itertools.accumulate(len(p) for p in parts))
+            else:
+                bounds = self.bounds_in_context(text, cuts, full)
+            segs = None if bounds is None else self.segments(full, bounds)
+            out.append(("tokenization_mismatch", None) if segs is None else (None, segs))
         return out
+
+
+def special_token_at(tok, text: str) -> str | None:
+    """The longest added / special token `text` starts with (what a template writes after an answer), or None."""
+    return max((t for t in tok.get_added_vocab() if text.startswith(t)), key=len, default=None)
 
 
 def chat_template_of(tok, cfg: PreprocConfig) -> str:

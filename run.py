@@ -1222,6 +1222,8 @@ def answer_scores(prediction: str, references: list[str]) -> tuple[float, float]
 def read_questions(path: Path) -> tuple[list[dict], int]:
     """Questions (json lines with question_id, text, optional image / category / answer(s)); bad lines counted."""
     questions, bad = [], 0
+    if not path.is_file():
+        raise SystemExit(f"--questions {path}: no such file")
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -1236,6 +1238,19 @@ def read_questions(path: Path) -> tuple[list[dict], int]:
                 continue
             questions.append(q)
     return questions, bad
+
+
+def read_answers(path: Path) -> list[dict]:
+    """Answer records of a partial file; a line cut short by a killed run is dropped (its question is redone)."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else ():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "question_id" in rec:
+            records.append(rec)
+    return records
 
 
 def references_of(q: dict) -> Optional[list[str]]:
@@ -1257,10 +1272,13 @@ def prompt_layout(args, sections: dict):
     if where is None or not where.is_file():
         raise SystemExit(f"--mode predict builds prompts as the phase-2 data did and reads its data_params.json "
                          f"({where} not found): pass --data_params PATH")
-    params = json.loads(where.read_text())
-    pre = hd.parse_config({k: params[k] for k in ("setup", "processing", "dataset") if k in params}, str(where))
-    tok = hd.load_tokenizer(pre.processing.huggingface_tokenizer, f"{where}: processing.huggingface_tokenizer")
-    return hd.TokenLayout(tok, pre, 2), tok
+    try:
+        params = json.loads(where.read_text())
+        pre = hd.parse_config({k: params[k] for k in ("setup", "processing", "dataset") if k in params}, str(where))
+        tok = hd.load_tokenizer(pre.processing.huggingface_tokenizer, f"{where}: processing.huggingface_tokenizer")
+        return hd.TokenLayout(tok, pre, 2), tok
+    except (json.JSONDecodeError, hd.ConfigError) as e:
+        raise SystemExit(f"--mode {args.mode}: cannot build prompts from {where}: {e}") from None
 
 
 def load_question_image(q: dict, image_root: Optional[str], transform):
@@ -1296,8 +1314,12 @@ def predict(args, rt: Runtime, sections: dict, llava, step: int, model_dir: Path
     questions, bad_lines = read_questions(Path(args.questions))
     out = Path(args.answers)
     partial = out.with_name(f".{out.name}.partial-rank{rt.rank}")
-    answered = {json.loads(line)["question_id"] for line in partial.read_text().splitlines() if line.strip()} \
-        if partial.is_file() else set()
+    kept = read_answers(partial)
+    if partial.is_file():  # rewrite without a line a killed run cut short, so appended answers stay whole lines
+        tmp = partial.with_name(partial.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, partial)
+    answered = {rec["question_id"] for rec in kept}
     mine = [q for i, q in enumerate(questions) if i % rt.world_size == rt.rank and q["question_id"] not in answered]
     counts = {"bad_lines": bad_lines, "bad_image": 0, "too_long": 0}
     limit = llava.config.text_model.max_position_embeddings
@@ -1417,13 +1439,7 @@ def chat(args, rt: Runtime, sections: dict, llava) -> dict:
 def finish_predictions(questions: list, out: Path, world: int, counts: dict, model_dir: Path, step: int) -> dict:
     """Merge the ranks' partial files in question order into `out` (atomically), score, remove the partials."""
     partials = [out.with_name(f".{out.name}.partial-rank{r}") for r in range(world)]
-    by_id = {}
-    for p in partials:
-        if p.is_file():
-            for line in p.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    by_id[rec["question_id"]] = rec
+    by_id = {rec["question_id"]: rec for p in partials for rec in read_answers(p)}
     ordered = [by_id[q["question_id"]] for q in questions if q["question_id"] in by_id]
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1520,6 +1536,9 @@ def main(argv=None):
         sections = parse_sections(params)
     except ValueError as e:
         raise SystemExit(f"Config error in {args.params}: {e}") from None
+    if args.target == "CSX" and args.mode in ("predict", "chat"):
+        raise SystemExit(f"--mode {args.mode} runs on GPU or CPU (python run.py GPU|CPU --mode {args.mode} ...); "
+                         f"checkpoints written on CSX load there too")
     if args.target == "CSX":
         try:
             import cerebras.pytorch  # noqa: F401

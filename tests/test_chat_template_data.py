@@ -277,16 +277,19 @@ def test_phase1_with_the_real_tokenizers(tmp_path, image_dir, name):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def phase2_layout(folder, image_dir, style):
+    raw = {"setup": {"input_dir": "in", "output_dir": "out"},
+           "processing": {"huggingface_tokenizer": str(folder), "max_seq_length": 256},
+           "dataset": {"image_dir": str(image_dir), "num_patches": NP, "system_prompt_style": style}}
+    return c.TokenLayout(c.load_tokenizer(folder), c.parse_config(raw, "test"), 2)
+
+
 @pytest.mark.parametrize("style", ["vicuna_v1", "chat_template"])
 def test_prompt_ids_are_the_tokens_before_the_first_answer(tmp_path, tok_dir, bpe_dirs, image_dir, style):
     folder = tok_dir if style == "vicuna_v1" else bpe_dirs["llama3"]
     records = [{"id": "1", "image": "a.jpg", "conversations": conv(f"<image>\n{Q1}", A1)}]
     _, rows = run(tmp_path, folder, image_dir, records, system_prompt_style=style)
-    raw = {"setup": {"input_dir": "in", "output_dir": "out"},
-           "processing": {"huggingface_tokenizer": str(folder), "max_seq_length": 256},
-           "dataset": {"image_dir": str(image_dir), "num_patches": NP, "system_prompt_style": style}}
-    cfg = c.parse_config(raw, "test")
-    layout = c.TokenLayout(c.load_tokenizer(folder), cfg, 2)
+    layout = phase2_layout(folder, image_dir, style)
     prompt = layout.prompt_ids(f"<image>\n{Q1}")
     first_target = int(np.argmax(rows[0, 1]))  # loss position t predicts token t + 1, the first answer token
     assert prompt == rows[0, 0, :first_target + 1].tolist()
@@ -297,11 +300,30 @@ def test_multi_turn_prompt_ids_are_the_tokens_before_the_last_answer(tmp_path, t
     folder = tok_dir if style == "vicuna_v1" else bpe_dirs["qwen2"]
     records = [{"id": "1", "image": "a.jpg", "conversations": conv(f"<image>\n{Q1}", A1, Q2, A2)}]
     _, rows = run(tmp_path, folder, image_dir, records, system_prompt_style=style)
-    raw = {"setup": {"input_dir": "in", "output_dir": "out"},
-           "processing": {"huggingface_tokenizer": str(folder), "max_seq_length": 256},
-           "dataset": {"image_dir": str(image_dir), "num_patches": NP, "system_prompt_style": style}}
-    layout = c.TokenLayout(c.load_tokenizer(folder), c.parse_config(raw, "test"), 2)
+    layout = phase2_layout(folder, image_dir, style)
     prompt = layout.prompt_ids(Q2, history=[(f"<image>\n{Q1}", A1)])
     targets = np.flatnonzero(rows[0, 1])
     second_answer = targets[np.flatnonzero(np.diff(targets) > 1)[0] + 1]  # first loss position of answer 2
     assert prompt == rows[0, 0, :second_answer + 1].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fast path (pieces tokenized on their own) computes what the plain in-context check does
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokenizer,style", [("llama3", "chat_template"), ("qwen2", "chat_template"),
+                                             ("sentencepiece", "mistral")])
+def test_fast_path_segments_equal_the_in_context_check(tok_dir, bpe_dirs, image_dir, tokenizer, style):
+    folder = tok_dir if tokenizer == "sentencepiece" else bpe_dirs[tokenizer]
+    chat = phase2_layout(folder, image_dir, style).chat
+    docs = [("a.jpg", [("\n" + Q1, A1)]), ("a.jpg", [("\n" + Q1, A1), (Q2, A2)]), (None, [(Q2, " " + A2 + " ")]),
+            ("a.jpg", [("\nDescribe the image.", "A red circle above a blue square."), (Q1, "")])]
+    fast = chat.block_segments(docs)
+    for (_, pairs), (_, segs) in zip(docs, fast):
+        text, cuts = chat.cut(pairs)[1]
+        full = chat.encode([text])[0]
+        bounds = chat.bounds_in_context(text, cuts, full)
+        plain = None if bounds is None else chat.segments(full, bounds)
+        assert segs == plain
+    assert sum(segs is not None for _, segs in fast) >= 3  # the records are laid out, not all skipped

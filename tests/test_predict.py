@@ -34,3 +34,20 @@ def test_references_of_accepts_answer_and_vqa_answers():
     assert run.references_of({"answer": "x"}) == ["x"]
     assert run.references_of({"answers": [{"answer": "a"}, {"answer": "b"}]}) == ["a", "b"]
     assert run.references_of({}) is None
+
+
+def test_read_answers_drops_a_line_cut_short(tmp_path):
+    f = tmp_path / ".answers.jsonl.partial-rank0"
+    f.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 2, "te')
+    assert [r["question_id"] for r in run.read_answers(f)] == [1]
+    assert run.read_answers(tmp_path / "absent") == []
+
+
+def test_missing_questions_file_is_a_message(tmp_path):
+    with pytest.raises(SystemExit, match="--questions .*no such file"):
+        run.read_questions(tmp_path / "nope.jsonl")
+
+
+def test_predict_on_csx_says_to_use_gpu_or_cpu():
+    with pytest.raises(SystemExit, match="runs on GPU or CPU"):
+        run.main(["CSX", "--mode", "predict", "--params", "configs/params_llava_tiny_phase2.yaml"])
