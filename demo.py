@@ -13,6 +13,8 @@ Stages (each is the documented command, printed before it runs):
   3. run.py CPU phase 1                           -> only the projector trains (ViT and LM frozen)
   4. run.py CPU phase 2 from the phase-1 weights  -> projector + LM train (load_checkpoint_states: model)
   5. eval on the held-out split                   -> loss, perplexity, answer accuracy vs the majority answer
+  6. run.py CPU --mode predict on held-out questions -> generated answers, their accuracy, a few examples and
+                                                     demo_out/predictions.png (images with question/answer/truth)
 
 The demo's questions (colour, shape, position, count of drawn shapes) can only be answered by looking at the
 image, so first-answer-token accuracy far above the majority-answer baseline shows the image reaches the LM.
@@ -31,6 +33,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -117,7 +120,14 @@ def main(argv=None) -> dict:
          "--model_dir", p2, "--checkpoint_path", p1 / f"checkpoint_{args.phase1_steps}.mdl", "--no_progress",
          *run_args(2, args.phase2_steps)], args.quiet, args.threads)
 
+    checkpoint = p2 / f"checkpoint_{args.phase2_steps}.mdl"
+    answers_file = out / "predictions.jsonl"
+    run([py, "run.py", "CPU", "--mode", "predict", "--params", p2 / "params_train_and_eval.yaml", "--model_dir", p2,
+         "--checkpoint_path", checkpoint, "--questions", data / "phase2" / "eval" / "questions.jsonl",
+         "--answers", answers_file, "--max_new_tokens", "4", "--no_progress"], args.quiet, args.threads)
+
     metrics = json.loads((p2 / f"eval_{args.phase2_steps}.json").read_text())
+    predicted = json.loads((p2 / f"predict_{args.phase2_steps}.json").read_text())
     manifest = json.loads((data / "manifest.json").read_text())
     options = [len(t["answers"]) for t in manifest["question_types"].values() if t.get("answers")]
     uniform = sum(1 / n for n in options) / len(options) if options else float("nan")
@@ -129,12 +139,82 @@ def main(argv=None) -> dict:
           f"answer-token accuracy {metrics['accuracy']:.1%}")
     print(f"first answer word accuracy {acc:.1%} vs majority-answer baseline {majority:.1%} and uniform chance "
           f"{uniform:.1%} over {metrics['eval_answers']} answers")
+    generated = predicted["accuracy"]["all"]
+    print(f"generated answers (run.py --mode predict): {generated['exact_match']:.1%} exact match over "
+          f"{generated['questions']} held-out questions; per type: " + ", ".join(
+              f"{k} {v['exact_match']:.0%}" for k, v in predicted["accuracy"].items() if k != "all"))
+    examples = answered_examples(data / "phase2" / "eval" / "questions.jsonl", answers_file)
+    for q, answer in examples[:6]:
+        mark = "right" if is_right(q, answer) else "WRONG"
+        print(f"  {q['text'].splitlines()[0]:<44} model: {answer:<8} truth: {q['answer']:<8} {mark}")
+    picture = out / "predictions.png"
+    draw_predictions(examples[:PICTURE_GRID[0] * PICTURE_GRID[1]], data / "images", picture)
+    print(f"picture of held-out answers: {picture}")
     elapsed = time.perf_counter() - started
-    print(f"model: {p2 / f'checkpoint_{args.phase2_steps}.mdl'}; total time {elapsed:.0f} s")
+    print(f"model: {checkpoint}; total time {elapsed:.0f} s")
     metrics.update(uniform_chance=uniform, elapsed_s=elapsed,
-                   phase1_checkpoint=str(p1 / f"checkpoint_{args.phase1_steps}.mdl"),
-                   phase2_checkpoint=str(p2 / f"checkpoint_{args.phase2_steps}.mdl"))
+                   phase1_checkpoint=str(p1 / f"checkpoint_{args.phase1_steps}.mdl"), phase2_checkpoint=str(checkpoint),
+                   generated_answer_accuracy=generated["exact_match"], generated_answers=generated["questions"],
+                   predictions_picture=str(picture))
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out answers: console examples and the picture
+
+PICTURE_GRID = (4, 4)  # columns, rows of held-out images in predictions.png
+PICTURE_SCALE = 3  # the 64-pixel images drawn 3x, nearest-neighbour, so the shapes stay crisp
+CAPTION_LINES = 4
+
+
+def answered_examples(questions_file: Path, answers_file: Path) -> list:
+    """(question, generated answer) pairs in question order, for the questions predict answered."""
+    answers = {}
+    for line in answers_file.read_text().splitlines():
+        record = json.loads(line)
+        answers[record["question_id"]] = record["text"]
+    questions = [json.loads(line) for line in questions_file.read_text().splitlines()]
+    return [(q, answers[q["question_id"]]) for q in questions if q["question_id"] in answers]
+
+
+def is_right(question: dict, answer: str) -> bool:
+    import run as R  # the same normalisation as predict's exact match
+
+    return R.normalize_answer(answer) == R.normalize_answer(question["answer"])
+
+
+def draw_predictions(examples: list, image_root: Path, path: Path) -> None:
+    """A grid of held-out images, each captioned with its question, the model's answer and the truth; a wrong
+    answer gets a red frame and a red answer line."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=12)
+    except (TypeError, OSError):  # a Pillow without FreeType: the small bitmap font
+        font = ImageFont.load_default()
+    columns = PICTURE_GRID[0]
+    rows = max(1, -(-len(examples) // columns))
+    side = 64 * PICTURE_SCALE
+    cell_w, line_h = side + 40, 15
+    cell_h = side + 12 + CAPTION_LINES * line_h
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (q, answer) in enumerate(examples):
+        x, y = (k % columns) * cell_w + 20, (k // columns) * cell_h + 6
+        with Image.open(image_root / q["image"]) as im:
+            sheet.paste(im.convert("RGB").resize((side, side), Image.NEAREST), (x, y))
+        right = is_right(q, answer)
+        colour = (0, 120, 0) if right else (200, 0, 0)
+        if not right:
+            draw.rectangle((x - 3, y - 3, x + side + 2, y + side + 2), outline=colour, width=3)
+        question = textwrap.wrap(q["text"].splitlines()[0], 30)[:CAPTION_LINES - 2]
+        lines = [(t, "black") for t in question] + [(f"model: {answer[:20]}" + ("" if right else "  (wrong)"), colour), (f"truth: {q['answer']}", "black")]
+        for n, (text, fill) in enumerate(lines):
+            draw.text((x, y + side + 6 + n * line_h), text, fill=fill, font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

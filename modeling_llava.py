@@ -25,7 +25,7 @@ Usage:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +267,18 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row (a decoding step): q [B, H, 1, D] over the cached k, v [B, KV, L, D],
+    attend [B, 1, 1, L] (bool). The H query heads are grouped per kv head as [B, KV, H/KV, D], so the cache is
+    read in place: repeating it per group (as the prompt pass does) would copy all of it at every step, which
+    took more time than the matmuls. Softmax in fp32, as scaled_dot_product_attention does. Returns [B, H, D]."""
+    b, heads, _, d = q.shape
+    kv = k.shape[1]
+    scores = torch.matmul(q.reshape(b, kv, heads // kv, d), k.transpose(-1, -2)) * d ** -0.5
+    weights = scores.float().masked_fill(~attend, float("-inf")).softmax(-1).to(v.dtype)
+    return torch.matmul(weights, v).reshape(b, heads, d)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention through torch's scaled_dot_product_attention.
 
@@ -307,6 +319,8 @@ class Attention(nn.Module):
             k = apply_interleaved_rotary(k, *rotary).to(v.dtype)
         if cache is not None:  # generation: attend to every earlier token's keys too
             k, v = cache.append(k, v)
+            if s == 1:
+                return self.proj_output_dense_layer(one_query_attention(q, k, v, attn_mask).reshape(b, 1, -1))
         if self.num_kv_heads != self.num_heads:  # torch 2.4 has no enable_gqa flag
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)
@@ -636,6 +650,42 @@ def matched_stop(tokens: list[int], stop_sequences: Sequence[Sequence[int]]) -> 
     return 0
 
 
+def cut_at_stop_string(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to the earliest of the stop strings it holds (all of it when it holds none)."""
+    ends = [text.find(stop) for stop in stop_strings if stop and stop in text]
+    return text[:min(ends)] if ends else text
+
+
+class StopRules:
+    """When a row's answer ends, checked after each new token: an EOS / end-of-turn token (not kept), a token
+    sequence it ends with (cut off), or a string its decoded text holds (stop_strings, with decode = ids -> text).
+    A stop string can end inside a token, so that row keeps its tokens up to the one completing the string and
+    the caller cuts the text with cut_at_stop_string, as the LLaVA repo's and transformers' stop strings do."""
+
+    def __init__(self, eos_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (),
+                 stop_strings: Sequence[str] = (), decode: Optional[Callable[[list[int]], str]] = None):
+        if stop_strings and decode is None:
+            raise ValueError("stop_strings need decode (token ids -> text), e.g. the tokenizer's decode")
+        self.eos = set(eos_token_ids)
+        self.stop_sequences = [list(seq) for seq in stop_sequences if len(seq)]
+        self.stop_strings = [stop for stop in stop_strings if stop]
+        self.decode = decode
+
+    def add(self, tokens: list[int], token: int) -> bool:
+        """Append `token` to a row's `tokens` unless it is an EOS; True when the row's answer has ended."""
+        if token in self.eos:
+            return True
+        tokens.append(token)
+        cut = matched_stop(tokens, self.stop_sequences)
+        if cut:
+            del tokens[-cut:]
+            return True
+        if self.stop_strings:  # the whole answer so far: a token's text can depend on the one before it
+            text = self.decode(tokens)
+            return any(stop in text for stop in self.stop_strings)
+        return False
+
+
 # ----------------------------------------------------------------------------------------------
 # LLaVA
 
@@ -730,8 +780,10 @@ class Llava(nn.Module):
                  image_data: Optional[torch.Tensor] = None, image_start_idx: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 64, eos_token_ids: Sequence[int] = (), temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-                 stop_sequences: Sequence[Sequence[int]] = ()) -> list[list[int]]:
-        """Answer a batch of prompts; returns each row's new tokens, without the EOS / stop sequence that ended it.
+                 stop_sequences: Sequence[Sequence[int]] = (), stop_strings: Sequence[str] = (),
+                 decode: Optional[Callable[[list[int]], str]] = None) -> list[list[int]]:
+        """Answer a batch of prompts; returns each row's new tokens, without the EOS / stop sequence that ended it
+        (a stop string: see StopRules).
 
         input_ids [B, S]: prompts padded on the left (attention_mask [B, S], 1 = attended token), each holding the NP
         image slots at image_start_idx [B] when image_data [B, C, H, W] is given. The image features are computed
@@ -752,22 +804,14 @@ class Llava(nn.Module):
         positions = (torch.arange(s, device=embeds.device) - real.long().argmax(1, keepdim=True)).clamp(min=0)
         hidden = self.text_model.decode_cached(embeds, positions, attend, caches)[:, -1]
         position = positions[:, -1:] + 1
-        eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=embeds.device)
+        rules = StopRules(eos_token_ids, stop_sequences, stop_strings, decode)
         history: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         for step in range(max_new_tokens):
             token = next_tokens(self.text_model.lm_head(hidden), temperature, top_k, top_p, generator)
-            is_eos = torch.isin(token, eos).tolist() if len(eos) else [False] * b
-            for row, (t, end) in enumerate(zip(token.tolist(), is_eos)):
-                if done[row]:
-                    continue
-                done[row] = end
-                if not end:
-                    history[row].append(t)
-                    stop = matched_stop(history[row], stop_sequences)
-                    if stop:
-                        del history[row][-stop:]
-                        done[row] = True
+            for row, t in enumerate(token.tolist()):
+                if not done[row]:
+                    done[row] = rules.add(history[row], t)
             if all(done) or step == max_new_tokens - 1:
                 break
             keys[:, s + step] = True

@@ -1132,6 +1132,7 @@ TEXT_ONLY_QA = [
     ("What color is the sky on a clear day?", "blue"),
 ]
 
+QUESTIONS_FILE = "phase2/eval/questions.jsonl"
 MULTI_TURN_SHARE = 0.25  # share of image records in phase 2 that ask 2-3 questions
 TEXT_ONLY_SHARE = 0.03  # text-only records added per split, relative to the number of images
 
@@ -1252,6 +1253,15 @@ def phase2_conversation(scene: dict, rng: random.Random) -> list[dict]:
     return turns
 
 
+def benchmark_question(record_id: str, image_rel: str, scene: dict, first_turn: str) -> dict:
+    """An image's first phase-2 question in the LLaVA repo's evaluation format (the text without <image>, which
+    the prompt builder places), with its category and reference answer: what run.py --mode predict reads."""
+    question = first_turn.replace(IMAGE_TOKEN, "").strip()
+    qtype = next(q for q, wordings in QUESTIONS.items() if question.split("\n")[0] in wordings)
+    return {"question_id": record_id, "image": image_rel, "text": question, "category": qtype,
+            "answer": scene_answer(scene, qtype)}
+
+
 def generate_split(split: str, n_images: int, out_dir: Path, image_size: int, seed: int, progress: bool):
     """Images + phase-1 and phase-2 records for one split; each split has its own random stream."""
     import numpy as np
@@ -1260,7 +1270,7 @@ def generate_split(split: str, n_images: int, out_dir: Path, image_size: int, se
     np_rng = np.random.default_rng([seed, {"train": 0, "eval": 1}.get(split, 2)])
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    phase1, phase2 = [], []
+    phase1, phase2, questions = [], [], []
     stats = Counter()
     for i in progress_bar(range(n_images), progress, f"synthetic_shapes {split}", unit="img"):
         scene = sample_scene(rng, image_size, np)
@@ -1277,13 +1287,14 @@ def generate_split(split: str, n_images: int, out_dir: Path, image_size: int, se
         conversation = phase2_conversation(scene, rng)
         stats["multi_turn"] += len(conversation) > 2
         phase2.append({"id": record_id, "image": image_rel, "conversations": conversation})
+        questions.append(benchmark_question(record_id, image_rel, scene, conversation[0]["value"]))
     n_text = max(2, round(TEXT_ONLY_SHARE * n_images))
     for k in range(n_text):
         question, answer = rng.choice(TEXT_ONLY_QA)
         phase2.append({"id": f"shapes_{split}_text_{k:04d}", "model": "", "conversations": [
             {"from": "human", "value": question + ANSWER_SUFFIX}, {"from": "gpt", "value": answer}]})
     stats.update(images=n_images, phase1_records=len(phase1), phase2_records=len(phase2), phase2_text_only=n_text)
-    return phase1, phase2, dict(stats)
+    return phase1, phase2, questions, dict(stats)
 
 
 def make_synthetic_shapes(output_dir, *, num_train=2000, num_eval=200, image_size=64, seed=0, vocab_size=1000,
@@ -1293,6 +1304,8 @@ def make_synthetic_shapes(output_dir, *, num_train=2000, num_eval=200, image_siz
         images/{train,eval}/<n>.png            image root = images/; records hold "train/000001.png"
         phase1/{train,eval}/data.jsonl         LCS-558K style caption records
         phase2/{train,eval}/data.jsonl         mix665k style questions (single, multi-turn, text-only)
+        phase2/eval/questions.jsonl            each held-out image's first question in the LLaVA repo's
+                                               evaluation format, with category and answer (run.py --mode predict)
         tokenizer/                             write_llama_tokenizer over every text + vicuna_v1 prompt
                                                (tokenizer="llama3"/"qwen2": write_bpe_chat_tokenizer)
         manifest.json                          counts, seed, image_size, question types and answers
@@ -1306,7 +1319,10 @@ def make_synthetic_shapes(output_dir, *, num_train=2000, num_eval=200, image_siz
     texts = [VICUNA_V1_SYSTEM_PROMPT, USER_PREFIX, ASSISTANT_PREFIX]
     counts, files = {}, {}
     for split, n in (("train", num_train), ("eval", num_eval)):
-        phase1, phase2, counts[split] = generate_split(split, n, out, image_size, seed, progress)
+        phase1, phase2, questions, counts[split] = generate_split(split, n, out, image_size, seed, progress)
+        if split == "eval":
+            with atomic_output(out / QUESTIONS_FILE) as f:
+                f.writelines(json.dumps(q) + "\n" for q in questions)
         for phase, records in (("phase1", phase1), ("phase2", phase2)):
             path = out / phase / split / "data.jsonl"
             with atomic_output(path) as f:
@@ -1325,6 +1341,7 @@ def make_synthetic_shapes(output_dir, *, num_train=2000, num_eval=200, image_siz
         "image_root": "images",
         "tokenizer": "tokenizer",
         "files": files,
+        "questions": QUESTIONS_FILE,
         "counts": counts,
         "question_types": {q: {"questions": QUESTIONS[q], "answers": ANSWERS[q]} for q in QUESTIONS},
         "answer_suffix": ANSWER_SUFFIX,

@@ -1358,6 +1358,8 @@ def answer_batch(rt: Runtime, llava, layout, tok, batch: list, args) -> list[str
     A text-only row's image slots are masked as in its training rows (and still count as positions)."""
     import torch
 
+    import modeling_llava as ml
+
     if not batch:
         return []
     width = max(len(ids) for _, ids, _ in batch)
@@ -1378,12 +1380,16 @@ def answer_batch(rt: Runtime, llava, layout, tok, batch: list, args) -> list[str
         pixels = pixels.to(rt.device)
     starts = torch.tensor([width - len(p) + layout.image_start_idx for _, p, _ in batch], device=rt.device)
     generator = torch.Generator(device=rt.device).manual_seed(args.seed) if args.temperature > 0 else None
+
+    def decode(tokens: list) -> str:
+        return tok.decode(tokens, skip_special_tokens=True)
+
     with torch.no_grad(), rt.autocast():
         tokens = llava.model.generate(ids.to(rt.device), mask.to(rt.device), pixels, starts,
                                       max_new_tokens=args.max_new_tokens, eos_token_ids=[layout.eos_id],
                                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                      generator=generator)
-    return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
+                                      generator=generator, stop_strings=args.stop, decode=decode)
+    return [ml.cut_at_stop_string(decode(t), args.stop).strip() for t in tokens]
 
 
 def chat(args, rt: Runtime, sections: dict, llava) -> dict:
@@ -1503,6 +1509,9 @@ def build_parser():
             g.add_argument("--top_p", type=float, default=1.0)
             g.add_argument("--top_k", type=int, default=0)
             g.add_argument("--seed", type=int, default=0, help="sampling seed")
+            g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                           help="end an answer at this text, which is left out (repeatable); answers always end "
+                                "at the data's EOS / end-of-turn token")
             g.add_argument("--predict_batch_size", type=int, default=8)
         if target == "CSX":
             p.add_argument("--num_csx", type=int, default=1)

@@ -57,6 +57,24 @@ def test_demo_answers_held_out_questions_far_above_chance(demo_run):
     assert acc > metrics["majority_first_answer_baseline"], metrics
 
 
+def test_demo_generates_held_out_answers_and_draws_them(demo_run):
+    """The demo's last stage (run.py --mode predict on the held-out questions): generated answers right far above
+    chance, and predictions.png written as a grid of captioned images."""
+    from PIL import Image
+
+    import demo as D
+
+    metrics, out = demo_run
+    assert metrics["generated_answers"] == 200
+    assert metrics["generated_answer_accuracy"] >= 2 * metrics["uniform_chance"], metrics
+    picture = out / "predictions.png"
+    assert metrics["predictions_picture"] == str(picture)
+    with Image.open(picture) as im:
+        columns, rows = D.PICTURE_GRID
+        assert im.format == "PNG" and im.width >= columns * 64 * D.PICTURE_SCALE and im.height >= rows * 64
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_phase1_trains_only_the_projector(demo_run):
     metrics, out = demo_run
     initial = initial_weights(out / "runs" / "phase1" / "params_train.yaml")

@@ -68,6 +68,30 @@ def test_generation_stops_at_eos_and_at_stop_sequences():
     assert stopped[1] == free[1][:end - 2]
 
 
+def test_generation_stops_at_stop_strings_even_inside_a_token():
+    """A stop string ends a row once its decoded text holds it, also when the string starts inside one token and
+    ends in the next; cut_at_stop_string then gives the text before it."""
+    _, ours, image_token = llava_pair("clip", "llama3")
+    _, ids, mask, starts = prompts(image_token, [24, 20])
+    pixels = torch.randn(2, 3, 28, 28)
+    free = ours.model.generate(ids, mask, pixels, starts, max_new_tokens=12)
+
+    def decode(tokens):  # two letters per token, so a string can span a token boundary
+        return "".join(chr(97 + t % 26) + chr(65 + t % 26) for t in tokens)
+
+    text = decode(free[1])
+    stop = text[7:10]  # from token 3's second letter to token 4's second letter
+    first = text.find(stop)
+    stopped = ours.model.generate(ids, mask, pixels, starts, max_new_tokens=12, stop_strings=[stop], decode=decode)
+    assert stopped[1] == free[1][:(first + len(stop) + 1) // 2]  # up to the token completing the string
+    assert ml.cut_at_stop_string(decode(stopped[1]), [stop]) == text[:first]
+    if stop not in decode(free[0]):
+        assert stopped[0] == free[0]  # the other row goes on to max_new_tokens
+    assert ml.cut_at_stop_string("red###x##", ["##", "x"]) == "red"
+    with pytest.raises(ValueError, match="need decode"):
+        ours.model.generate(ids, mask, pixels, starts, max_new_tokens=2, stop_strings=["x"])
+
+
 def test_sampling_is_reproducible_and_respects_top_k():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)

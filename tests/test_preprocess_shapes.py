@@ -86,6 +86,21 @@ def test_shapes_layout_and_manifest_counts(shapes):
     assert not list(shapes.rglob(".*partial*"))
 
 
+def test_shapes_held_out_questions_in_llava_eval_format(shapes):
+    """phase2/eval/questions.jsonl: each held-out image's first phase-2 question, as the LLaVA repo's evaluation
+    question files hold them (no <image> in the text), with the question type and the phase-2 record's answer."""
+    manifest = json.loads((shapes / "manifest.json").read_text())
+    questions = read_jsonl(shapes / manifest["questions"])
+    records = [r for r in read_jsonl(shapes / "phase2/eval/data.jsonl") if "image" in r]
+    assert len(questions) == len(records) == N_EVAL
+    for q, r in zip(questions, records):
+        assert (q["question_id"], q["image"]) == (r["id"], r["image"])
+        assert q["text"] == r["conversations"][0]["value"].replace("<image>\n", "")
+        assert q["answer"] == r["conversations"][1]["value"]
+        assert q["text"].split("\n")[0] in P.QUESTIONS[q["category"]]
+        assert q["answer"] in manifest["question_types"][q["category"]]["answers"]
+
+
 def test_shapes_records_follow_llava_formats(shapes):
     for split in ("train", "eval"):
         for r in read_jsonl(shapes / f"phase1/{split}/data.jsonl"):

@@ -13,6 +13,7 @@ import torch
 
 import create_hdf5_dataset as hd
 import model as M
+import modeling_llava as ml
 import preprocess_dataset as pd
 import run
 
@@ -217,6 +218,34 @@ def test_fsdp_two_processes_match_one_process(data, tmp_path):
     run.main(cli("CPU", "train", PHASE2, two, data, 2, steps=4))
     wa, wb = weights(one / "checkpoint_4.mdl")["model"], weights(two / "checkpoint_4.mdl")["model"]
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_predict_two_processes_match_one_process_and_stop_strings_cut(data, tmp_path):
+    """--mode predict through torchrun: each rank answers its share of the questions, rank 0 merges them into one
+    file in question order, the same answers as one process writes; --stop cuts each answer at the text."""
+    run.main(cli("CPU", "train", PHASE2, tmp_path / "m", data, 2, steps=2))
+    questions = data["images"].parent / "phase2" / "eval" / "questions.jsonl"
+
+    def predict(name, *more):
+        return cli("CPU", "predict", PHASE2, tmp_path / name, data, 2, "--checkpoint_path",
+                   str(tmp_path / "m" / "checkpoint_2.mdl"), "--questions", str(questions), "--answers",
+                   str(tmp_path / f"{name}.jsonl"), "--max_new_tokens", "8", "--predict_batch_size", "1", *more)
+
+    def texts(name):
+        return [(a["question_id"], a["text"]) for a in map(json.loads, (tmp_path / f"{name}.jsonl").read_text().splitlines())]
+
+    run.main(predict("one"))
+    result = torchrun(2, predict("two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = [json.loads(line)["question_id"] for line in questions.read_text().splitlines()]
+    assert [i for i, _ in texts("one")] == ids and texts("two") == texts("one")
+    assert not list(tmp_path.glob(".two.jsonl.*"))  # the ranks' partial files are merged and removed
+    report = json.loads((tmp_path / "two" / "predict_2.json").read_text())
+    assert report["answered"] == len(ids) and report["accuracy"]["all"]["questions"] == len(ids)
+    stop = next(t[1] for _, t in texts("one") if len(t) > 2 and not t[1].isspace())
+    run.main(predict("stopped", "--stop", stop))
+    cut = [(i, ml.cut_at_stop_string(t, [stop]).strip()) for i, t in texts("one")]
+    assert texts("stopped") == cut and cut != texts("one")
 
 
 # ----------------------------------------------------------------------------------------------
