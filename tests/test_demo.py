@@ -75,6 +75,14 @@ def test_demo_generates_held_out_answers_and_draws_them(demo_run):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_picture_shows_some_wrong_answers_in_question_order():
+    examples = [({"answer": "red"}, "red" if k % 3 else "blue") for k in range(30)]  # every third one wrong
+    chosen = demo.picture_examples(examples, 16)
+    assert len(chosen) == 16 and sum(a == "blue" for _, a in chosen) == 4
+    assert chosen == [e for e in examples if any(e is c for c in chosen)]  # question order kept
+    assert demo.picture_examples(examples[:3], 16) == examples[:3]
+
+
 def test_phase1_trains_only_the_projector(demo_run):
     metrics, out = demo_run
     initial = initial_weights(out / "runs" / "phase1" / "params_train.yaml")
