@@ -217,6 +217,17 @@ def test_converted_checkpoint_without_prefix_loads_into_the_inner_model(trained,
     assert {k: v for k, v in metrics.items() if k != "step"} == {k: v for k, v in expected.items() if k != "step"}
 
 
+def test_predict_answers_from_a_csx_checkpoint(trained, data, tmp_path):
+    """run.py CPU --mode predict in the Cerebras environment reads the CSX path's cstorch (HDF5) checkpoint."""
+    questions = data["images"].parent / "phase2" / "eval" / "questions.jsonl"
+    answers = tmp_path / "answers.jsonl"
+    run_py("CPU", "predict", tmp_path / "pred", data, "--checkpoint_path", str(trained / "checkpoint_4.mdl"),
+           "--questions", str(questions), "--answers", str(answers), "--max_new_tokens", "3")
+    got = [json.loads(line)["question_id"] for line in answers.read_text().splitlines()]
+    assert got == [json.loads(line)["question_id"] for line in questions.read_text().splitlines()]
+    assert json.loads((tmp_path / "pred" / "predict_4.json").read_text())["answered"] == len(got)
+
+
 def test_nan_loss_stops_before_the_checkpoint_and_names_the_last_good_one(data, tmp_path):
     proc = run_py("CSX", "train", tmp_path, data, expect_ok=False,
                   **{"optimizer.learning_rate": "1.0e+30", "optimizer.max_gradient_norm": "null",
