@@ -17,8 +17,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import create_hdf5_dataset as c  # noqa: E402
-from test_create_hdf5_dataset import (LLAMA2_HF, VASE_A, VASE_Q, image_dir, make_cfg, read_all, rec,  # noqa: E402,F401
-                                      write_jsonl)
+from test_create_hdf5_dataset import (  # noqa: E402
+    LLAMA2_HF, VASE_A, VASE_Q, image_dir, make_cfg, read_all, rec, write_jsonl)  # noqa: F401 (image_dir: fixture)
 
 needs_llama2 = pytest.mark.skipif(not LLAMA2_HF.is_dir(), reason="needs ../shared/reference_data/tokenizer")
 
