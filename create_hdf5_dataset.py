@@ -1402,8 +1402,8 @@ def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[st
                 continue
             if keep < len(segs):
                 counts["truncated_samples"] += 1
-            ids = [t for s in segs[:keep] for t in s[0]]
-            tgt = [t for s in segs[:keep] for t in s[1]]
+            ids = list(itertools.chain.from_iterable(s[0] for s in segs[:keep]))
+            tgt = list(itertools.chain.from_iterable(s[1] for s in segs[:keep]))
             row = writer.new_row(image)
             layout.write_row(row, ids, tgt)
             counts["successful_files"] += 1
