@@ -130,6 +130,10 @@ PROCESSORS = {"LlavaPhaseOne": "LlavaPhaseOnePreprocessor", "LlavaPhaseTwo": "Ll
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
 
 RECORDS_PER_BLOCK = 256  # records are dealt to processes in blocks of this many (fixed, so output sets match)
+# Phase-2 texts of at most MEMO_CHARS characters are tokenized once per MEMO_TEXTS distinct ones: questions and
+# short answers repeat across mix665k records (the benchmark's 134k texts hold 61k distinct ones), long answers not.
+MEMO_CHARS = 200
+MEMO_TEXTS = 100_000
 FLUSH_ROWS = 64  # rows written to h5 per call (measured fastest for gzip chunks of (1, 4, 2048))
 H5_FEATURES = ("input_ids", "loss_mask", "labels", "key_padding_mask")
 
@@ -430,14 +434,7 @@ def load_tokenizer(folder: str | os.PathLike | None, key_name: str = "processing
 
 
 def _load_tokenizer(folder: str | os.PathLike | None, key_name: str):
-    if folder is None:
-        raise ConfigError(f"{key_name} is not set: give the local folder of a Hugging Face tokenizer "
-                          f"(tokenizer.json and/or tokenizer.model, tokenizer_config.json)")
-    path = Path(folder)
-    if not path.is_dir():
-        raise ConfigError(f"{key_name}: tokenizer folder {str(path)!r} (absolute: {path.resolve()}) not found. "
-                          f"Download the tokenizer files (e.g. from lmsys/vicuna-7b-v1.5) into a local folder "
-                          f"and point {key_name} at it; nothing is downloaded at run time.")
+    path = _tokenizer_folder(folder, key_name)
     from transformers import AutoTokenizer
 
     try:
@@ -447,6 +444,157 @@ def _load_tokenizer(folder: str | os.PathLike | None, key_name: str):
     if tok.eos_token_id is None:
         raise ConfigError(f"{key_name}: the tokenizer in {str(path)!r} has no EOS token")
     return tok
+
+
+def _tokenizer_folder(folder: str | os.PathLike | None, key_name: str) -> Path:
+    if folder is None:
+        raise ConfigError(f"{key_name} is not set: give the local folder of a Hugging Face tokenizer "
+                          f"(tokenizer.json and/or tokenizer.model, tokenizer_config.json)")
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"{key_name}: tokenizer folder {str(path)!r} (absolute: {path.resolve()}) not found. "
+                          f"Download the tokenizer files (e.g. from lmsys/vicuna-7b-v1.5) into a local folder "
+                          f"and point {key_name} at it; nothing is downloaded at run time.")
+    return path
+
+
+# The writer's tokenizer comes from a cache. AutoTokenizer costs 2-4 s per start: transformers imports torch, and a
+# Llama-2 folder whose tokenizer_config.json sets add_prefix_space rebuilds the fast tokenizer from tokenizer.model
+# at every load. The writer only needs the Rust tokenizer and a few ids, so the first load saves them in one JSON
+# file, <cache>/<folder hash>-<content hash>.json; later starts read it in ~0.2 s without transformers.
+# The content hash covers every file of the folder but weights, and the transformers / tokenizers versions (they
+# decide the rebuilt tokenizer), so an edited file means a new entry; the older entry of that folder is removed.
+TOKENIZER_CACHE_ENV = "LLAVA_TOKENIZER_CACHE"  # cache folder; "off" loads with transformers every time
+TOKENIZER_CACHE_FORMAT = 1
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx")
+
+
+def tokenizer_cache_dir() -> Path | None:
+    """$LLAVA_TOKENIZER_CACHE, else $XDG_CACHE_HOME (or ~/.cache)/llava-pipeline/tokenizers; None when "off"."""
+    value = os.environ.get(TOKENIZER_CACHE_ENV, "").strip()
+    if value.lower() == "off":
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llava-pipeline" / "tokenizers"
+
+
+def tokenizer_cache_entry(cache: Path, folder: Path) -> Path:
+    import hashlib
+    from importlib import metadata
+
+    versions = []
+    for pkg in ("transformers", "tokenizers"):
+        try:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{pkg} none")
+    content = hashlib.sha256(f"format {TOKENIZER_CACHE_FORMAT}; {'; '.join(versions)}".encode())
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES):
+            content.update(p.name.encode("utf-8") + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    where = hashlib.sha256(str(folder.resolve()).encode("utf-8")).hexdigest()[:16]
+    return cache / f"{where}-{content.hexdigest()[:32]}.json"
+
+
+class WriterTokenizer:
+    """The part of a Hugging Face fast tokenizer the writer uses: the Rust tokenizer (`_tokenizer`, which
+    make_encoder reads), special ids, vocabulary size and added tokens. Chat templates are rendered by the full
+    tokenizer, loaded on first use."""
+
+    def __init__(self, rust, meta: dict, folder: str):
+        self._tokenizer, self.meta, self.folder = rust, meta, folder
+        self.eos_token_id, self.bos_token_id = meta["eos_token_id"], meta["bos_token_id"]
+        self.pad_token_id, self.unk_token_id = meta["pad_token_id"], meta["unk_token_id"]
+        self.chat_template = meta["chat_template"]
+
+    def __len__(self) -> int:
+        return self.meta["len"]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        i = self._tokenizer.token_to_id(token)
+        return self.unk_token_id if i is None else i
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return dict(self.meta["added_vocab"])
+
+    def apply_chat_template(self, *args, **kwargs):
+        return load_tokenizer(self.folder).apply_chat_template(*args, **kwargs)
+
+
+def writer_meta(tok) -> dict:
+    """What WriterTokenizer keeps of a loaded Hugging Face tokenizer besides the Rust tokenizer."""
+    return {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+            "unk_token_id": tok.unk_token_id, "len": len(tok), "added_vocab": tok.get_added_vocab(),
+            "chat_template": tok.chat_template}
+
+
+def load_writer_tokenizer(folder: str | os.PathLike | None, key_name: str = "processing.huggingface_tokenizer"):
+    """The writer's tokenizer: a WriterTokenizer from the cache (written on the first load), or the Hugging Face
+    tokenizer itself when it has no Rust tokenizer. Cached per process."""
+    key = (os.getpid(), "writer", str(Path(folder).resolve()) if folder is not None else "")
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _load_writer_tokenizer(folder, key_name)
+    return _TOKENIZERS[key]
+
+
+def _load_writer_tokenizer(folder: str | os.PathLike | None, key_name: str):
+    path = _tokenizer_folder(folder, key_name)
+    cache, entry = tokenizer_cache_dir(), None
+    if cache is not None:
+        try:
+            entry = tokenizer_cache_entry(cache, path)
+        except OSError:
+            entry = None  # an unreadable file: the plain load below names it
+    if entry is not None and entry.is_file():
+        tok = _read_cache_entry(entry, str(path))
+        if tok is not None:
+            return tok
+    tok = load_tokenizer(path, key_name)
+    rust = getattr(tok, "_tokenizer", None)
+    if rust is None:
+        return tok
+    meta = writer_meta(tok)
+    if entry is not None:
+        _write_cache_entry(entry, rust.to_str(), meta)
+    return WriterTokenizer(rust, meta, str(path))
+
+
+def _read_cache_entry(entry: Path, folder: str) -> WriterTokenizer | None:
+    """None when the entry cannot be used (e.g. written by another tokenizers version); it is then rewritten."""
+    try:
+        from tokenizers import Tokenizer
+
+        data = json.loads(entry.read_bytes())
+        if data.get("format") != TOKENIZER_CACHE_FORMAT:
+            return None
+        return WriterTokenizer(Tokenizer.from_str(data["tokenizer"]), data["meta"], folder)
+    except Exception:  # noqa: BLE001 - any unreadable entry means: load the tokenizer the normal way
+        return None
+
+
+def _write_cache_entry(entry: Path, rust_json: str, meta: dict) -> None:
+    """Written under a temporary name and renamed, so a reader never sees half an entry; an unwritable cache folder
+    is skipped silently (the run just loads the tokenizer the normal way next time too)."""
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"format": TOKENIZER_CACHE_FORMAT, "meta": meta, "tokenizer": rust_json}),
+                       encoding="utf-8")
+        os.replace(tmp, entry)
+        where = entry.name.split("-")[0]
+        for old in entry.parent.glob(f"{where}-*.json"):
+            if old != entry:
+                old.unlink(missing_ok=True)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def make_encoder(tok) -> Callable[[list[str]], list[list[int]]]:
@@ -470,6 +618,7 @@ class TokenLayout:
         self.phase = phase
         encode = make_encoder(tok)
         self.encode = encode
+        self.memo: dict[str, list[int]] = {}  # short text -> ids (encode_repeated)
         self.msl = cfg.processing.max_seq_length
         self.np_slots = cfg.dataset.num_patches
         self.eos_id = cfg.processing.eos_id if cfg.processing.eos_id is not None else tok.eos_token_id
@@ -562,7 +711,7 @@ class TokenLayout:
             return self.chat.block_segments(docs)
         texts = [t for doc in docs if doc is not None for user, answer in doc[1]
                  for t in ((user, answer) if self.phase == 2 else (answer,))]
-        tokens = iter(self.encode(texts))
+        tokens = iter(self.encode_repeated(texts) if self.phase == 2 else self.encode(texts))
         out = []
         for doc in docs:
             if doc is None:
@@ -571,6 +720,20 @@ class TokenLayout:
             turns = [((next(tokens) if self.phase == 2 else []), next(tokens)) for _ in doc[1]]
             out.append((None, self.build_turns(turns, doc[0] is not None)))
         return out
+
+    def encode_repeated(self, texts: list[str]) -> list[list[int]]:
+        """self.encode for texts that repeat (phase-2 questions and short answers): each text is tokenized on its
+        own, so its ids do not depend on the batch, and short ones are kept for the next blocks. The lists are
+        shared: callers must not modify them."""
+        memo = self.memo
+        if len(memo) > MEMO_TEXTS:
+            memo.clear()
+        new = [t for t in dict.fromkeys(texts) if t not in memo]
+        fresh = dict(zip(new, self.encode(new)))
+        for t, ids in fresh.items():
+            if len(t) <= MEMO_CHARS:
+                memo[t] = ids
+        return [fresh[t] if t in fresh else memo[t] for t in texts]
 
     def fit(self, segs: list[tuple[list[int], list[int]]]) -> int:
         """Number of whole turns that fit in MSL (0 = not even the first)."""
@@ -603,6 +766,7 @@ class TokenLayout:
     def write_row(self, row: np.ndarray, ids: list[int], tgt: list[int]) -> None:
         """Write a sample's suffix into `row`, which already holds templates[v]."""
         p, n = self.prefix_len, len(ids)
+        ids = np.array(ids, dtype=np.int32)  # converted once for both rows it fills
         row[0, p:p + n - 1] = ids[:-1]
         row[2, p - 1:p + n - 1] = ids
         row[1, p - 1:p + n - 1] = tgt
@@ -920,7 +1084,18 @@ def _make_cleaner(cfg: PreprocConfig) -> Callable[[str], str]:
         form = cfg.dataset.ftfy_normalizer or "NFC"
         return lambda s: s if unicodedata.is_normalized(form, s) else unicodedata.normalize(form, s)
     norm = cfg.dataset.ftfy_normalizer
-    return lambda s: ftfy.fix_text(s, normalization=norm)
+
+    def clean(s: str) -> str:
+        return s if FTFY_UNCHANGED.fullmatch(s) else ftfy.fix_text(s, normalization=norm)
+
+    return clean
+
+
+# Text that ftfy.fix_text returns unchanged, checked in C instead of ftfy's ~40 us per text: printable ASCII, tab
+# and newline, without "&". Every ftfy fix of ASCII text needs one of the excluded characters (HTML entities "&",
+# CR line breaks, ANSI escapes ESC, removed control characters); mojibake, quotes, widths, ligatures and unicode
+# normalisation only touch non-ASCII text.
+FTFY_UNCHANGED = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 
 def safe_relative_path(rel: str) -> bool:
@@ -1157,7 +1332,8 @@ def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[st
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process
     cfg = parse_config(cfg_dict, "data_params.json")
     out_dir = Path(cfg.setup.output_dir)
-    tok = load_tokenizer(cfg.processing.huggingface_tokenizer, cfg.name("processing", "huggingface_tokenizer"))
+    key_name = cfg.name("processing", "huggingface_tokenizer")
+    tok = load_writer_tokenizer(cfg.processing.huggingface_tokenizer, key_name)
     layout = TokenLayout(tok, cfg, phase)
     parser = RecordParser(cfg, phase)
     ckpt = _checkpoint_path(out_dir, proc)
@@ -1226,8 +1402,8 @@ def run_worker(proc: int, nproc: int, cfg_dict: dict, phase: int, files: list[st
                 continue
             if keep < len(segs):
                 counts["truncated_samples"] += 1
-            ids = [t for s in segs[:keep] for t in s[0]]
-            tgt = [t for s in segs[:keep] for t in s[1]]
+            ids = list(itertools.chain.from_iterable(s[0] for s in segs[:keep]))
+            tgt = list(itertools.chain.from_iterable(s[1] for s in segs[:keep]))
             row = writer.new_row(image)
             layout.write_row(row, ids, tgt)
             counts["successful_files"] += 1
@@ -1333,7 +1509,8 @@ def preprocess(mode: str, cfg: PreprocConfig, overwrite: bool = False, progress:
         raise ConfigError(f"{cfg.name('dataset', 'image_dir')}: image folder {cfg.dataset.image_dir!r} not found "
                           f"(every record's image path is checked against it)")
     files = find_input_files(cfg)
-    tok = load_tokenizer(cfg.processing.huggingface_tokenizer, cfg.name("processing", "huggingface_tokenizer"))
+    key_name = cfg.name("processing", "huggingface_tokenizer")
+    tok = load_writer_tokenizer(cfg.processing.huggingface_tokenizer, key_name)
     layout = TokenLayout(tok, cfg, phase)
     nproc = cfg.setup.processes or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                     else os.cpu_count() or 1)

@@ -18,3 +18,12 @@ def tok_dir(tmp_path_factory):
     if not (out / "tokenizer_config.json").is_file():
         write_llama_tokenizer(TRAIN_TEXTS, out, vocab_size=400)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenizer_cache(tmp_path_factory):
+    """The stage-2 writer's tokenizer cache in a temporary folder, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("tokenizer_cache")
+        mp.setenv("LLAVA_TOKENIZER_CACHE", str(path))
+        yield path
