@@ -1992,7 +1992,8 @@ def llava_image_processor(cfg, settings: Optional[dict] = None):
     if vision_family(cfg) == "siglip":
         return SiglipImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=3,
                                     do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                    image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+                                    image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
+                                    do_convert_rgb=True)  # its default (unset) fails on a grey image
     return LlavaImageProcessor(do_pad=True, size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
