@@ -33,6 +33,10 @@ llava-hf output: CLIP or SigLIP towers with Llama(-3), Mistral, Qwen2 or Qwen3 t
 (LLaVA-1.5's format); tokenizer = its own (an error when it has none); llama3 / qwen2 / mistral = the templates
 create_hdf5_dataset.py builds phase-2 data with. Pick the one the phase-2 data used; a Jinja template gets a prelude
 so [{"type": "image"}, {"type": "text", ...}] contents render as "<image>\\nQ", the training layout.
+
+hf / llava-hf image processor: it reproduces the config's eval_input (else train_input) transforms, from --config or
+else the checkpoint's own params (TRANSFORM_STAGES); transforms it cannot express are an error naming them, and
+--ignore-transforms writes the tower's default CLIP/SigLIP processor instead (pixels then differ from training's).
 """
 
 from __future__ import annotations
