@@ -936,7 +936,8 @@ def preprocessor_config(cfg, settings: Optional[dict] = None) -> dict:
     colour int(255 * image_mean), as LlavaImageProcessor does), see hf_image_aspect_ratio."""
     if settings is not None:
         fields = {k: v for k, v in settings.items() if k != "do_pad"}
-        return {**fields, "feature_extractor_type": "CLIPFeatureExtractor", "image_processor_type": "CLIPImageProcessor"}
+        return {**fields, "feature_extractor_type": "CLIPFeatureExtractor",
+                "image_processor_type": "CLIPImageProcessor"}
     size = _square(cfg.image_model.image_size, "model.image_model.image_size")
     return {"crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_normalize": True,
             "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": CLIP_MEAN,
@@ -993,7 +994,8 @@ def _rescale_stage(spec: dict, where: str) -> dict:
 def _normalize_stage(spec: dict, where: str) -> dict:
     out = {}
     for key in ("mean", "std"):
-        values = [float(v) for v in spec[key]]
+        value = spec[key]
+        values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
         if len(values) not in (1, 3):
             raise ConversionError(f"{where}: {key} {values} must hold 1 or 3 values")
         out[key] = values * 3 if len(values) == 1 else values  # one value broadcasts over R, G, B in training

@@ -163,7 +163,7 @@ def test_every_training_transform_has_a_processor_stage():
     [{"name": "expand_to_square", "background_color": [10, 200, 30]}, {"name": "resize", "size": [40, 40],
                                                                         "interpolation": "lanczos"}],
     [{"name": "resize", "size": 60, "interpolation": "nearest"}, {"name": "center_crop", "size": [48, 40]},
-     {"name": "to_tensor"}, {"name": "normalize", "mean": [0.2], "std": [0.3]}],
+     {"name": "to_tensor"}, {"name": "normalize", "mean": [0.2], "std": 0.3}],
     [{"name": "resize", "size": [33, 47], "interpolation": "box"}],
     [],
 ], ids=["pad-without-normalize", "crop-inside-resize", "exact-resize-only", "to-tensor-only"])
