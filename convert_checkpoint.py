@@ -970,10 +970,10 @@ def _pad_stage(spec: dict, where: str) -> dict:
 def _resize_stage(spec: dict, where: str) -> dict:
     import create_hdf5_dataset as hd
 
-    if spec.get("max_size") is not None:
-        raise ConversionError(f"{where}: max_size {spec['max_size']} has no image-processor equivalent (it resizes "
-                              f"by the shortest edge only); drop max_size from the transform, {IGNORE_HINT}")
     size = hd._size_hw(spec["size"])  # the same parsing training uses: int = shortest edge, [h, w] = exact
+    if spec.get("max_size") is not None and not isinstance(size, tuple):  # training ignores it for [h, w]
+        raise ConversionError(f"{where}: max_size {spec['max_size']} has no image-processor equivalent (it cannot cap "
+                              f"the longer edge of a shortest-edge resize); {IGNORE_HINT[3:]}")
     # antialias is not read: training resizes with Pillow, which always antialiases, as the processor does.
     return {"do_resize": True, "resample": hd.INTERPOLATIONS[str(spec.get("interpolation", "bilinear")).lower()],
             "size": {"height": size[0], "width": size[1]} if isinstance(size, tuple) else {"shortest_edge": size}}

@@ -164,7 +164,7 @@ def test_every_training_transform_has_a_processor_stage():
                                                                         "interpolation": "lanczos"}],
     [{"name": "resize", "size": 60, "interpolation": "nearest"}, {"name": "center_crop", "size": [48, 40]},
      {"name": "to_tensor"}, {"name": "normalize", "mean": [0.2], "std": 0.3}],
-    [{"name": "resize", "size": [33, 47], "interpolation": "box"}],
+    [{"name": "resize", "size": [33, 47], "interpolation": "box", "max_size": 40}],  # max_size: unused for [h, w]
     [],
 ], ids=["pad-without-normalize", "crop-inside-resize", "exact-resize-only", "to-tensor-only"])
 def test_expressible_transforms_give_the_training_pixels(tmp_path, specs):
