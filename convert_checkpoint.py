@@ -33,6 +33,10 @@ llava-hf output: CLIP or SigLIP towers with Llama(-3), Mistral, Qwen2 or Qwen3 t
 (LLaVA-1.5's format); tokenizer = its own (an error when it has none); llama3 / qwen2 / mistral = the templates
 create_hdf5_dataset.py builds phase-2 data with. Pick the one the phase-2 data used; a Jinja template gets a prelude
 so [{"type": "image"}, {"type": "text", ...}] contents render as "<image>\\nQ", the training layout.
+
+hf / llava-hf image processor: it reproduces the config's eval_input (else train_input) transforms, from --config or
+else the checkpoint's own params (TRANSFORM_STAGES); transforms it cannot express are an error naming them, and
+--ignore-transforms writes the tower's default CLIP/SigLIP processor instead (pixels then differ from training's).
 """
 
 from __future__ import annotations
@@ -925,12 +929,165 @@ def cs_to_llava_hf_config(cfg, image_token_index: int, pad_token_id: Optional[in
             "text_config": text, "vision_config": vision}
 
 
-def preprocessor_config(cfg) -> dict:
-    """image_model/preprocessor_config.json for the hf layout (spec 6.2 defaults, size from the CS config)."""
+def preprocessor_config(cfg, settings: Optional[dict] = None) -> dict:
+    """image_model/preprocessor_config.json for the hf layout: CLIPImageProcessor's fields. `settings` (from
+    image_processor_settings) reproduce the training transforms; None = spec 6.2's CLIP defaults at the model's size.
+    CLIPImageProcessor cannot pad: the LLaVA repo pads itself when text_model's image_aspect_ratio is "pad" (in the
+    colour int(255 * image_mean), as LlavaImageProcessor does), see hf_image_aspect_ratio."""
+    if settings is not None:
+        fields = {k: v for k, v in settings.items() if k != "do_pad"}
+        return {**fields, "feature_extractor_type": "CLIPFeatureExtractor",
+                "image_processor_type": "CLIPImageProcessor"}
     size = _square(cfg.image_model.image_size, "model.image_model.image_size")
     return {"crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_normalize": True,
             "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": CLIP_MEAN,
             "image_std": CLIP_STD, "resample": 3, "size": size}
+
+
+def hf_image_aspect_ratio(settings: Optional[dict]) -> str:
+    """text_model's image_aspect_ratio: "pad" makes the LLaVA repo pad to a square before its image processor;
+    "square" hands it the image as it is (transforms without expand_to_square)."""
+    return "pad" if settings is None or settings["do_pad"] else "square"
+
+
+# ---- The exported image processor from the training transforms (create_hdf5_dataset.build_transforms).
+# LlavaImageProcessor runs fixed stages in this order: pad to a square, resize, center crop, rescale, normalize.
+# Each training transform becomes one stage through TRANSFORM_STAGES; transforms that stage order, those options or
+# those colours cannot follow are an error naming the transform (--ignore-transforms keeps the tower's default).
+# Both sides resize with Pillow on uint8 images, so the pixels match to float rounding.
+
+IGNORE_HINT = ("or pass --ignore-transforms to write the tower's default CLIP/SigLIP processor (its pixels then "
+               "differ from what training fed the model)")
+
+
+def _pad_stage(spec: dict, where: str) -> dict:
+    colour = [int(c) for c in spec.get("background_color", (0, 0, 0))]
+    if len(colour) != 3:
+        raise ConversionError(f"{where}: background_color {colour} must be 3 values (R, G, B)")
+    return {"do_pad": True, "pad_colour": colour}
+
+
+def _resize_stage(spec: dict, where: str) -> dict:
+    import create_hdf5_dataset as hd
+
+    size = hd._size_hw(spec["size"])  # the same parsing training uses: int = shortest edge, [h, w] = exact
+    if spec.get("max_size") is not None and not isinstance(size, tuple):  # training ignores it for [h, w]
+        raise ConversionError(f"{where}: max_size {spec['max_size']} has no image-processor equivalent (it cannot cap "
+                              f"the longer edge of a shortest-edge resize); {IGNORE_HINT[3:]}")
+    # antialias is not read: training resizes with Pillow, which always antialiases, as the processor does.
+    return {"do_resize": True, "resample": hd.INTERPOLATIONS[str(spec.get("interpolation", "bilinear")).lower()],
+            "size": {"height": size[0], "width": size[1]} if isinstance(size, tuple) else {"shortest_edge": size}}
+
+
+def _crop_stage(spec: dict, where: str) -> dict:
+    import create_hdf5_dataset as hd
+
+    size = hd._size_hw(spec["size"])
+    h, w = size if isinstance(size, tuple) else (size, size)
+    return {"do_center_crop": True, "crop_size": {"height": h, "width": w}}
+
+
+def _rescale_stage(spec: dict, where: str) -> dict:
+    return {"do_rescale": True, "rescale_factor": 1 / 255}
+
+
+def _normalize_stage(spec: dict, where: str) -> dict:
+    out = {}
+    for key in ("mean", "std"):
+        value = spec[key]
+        values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+        if len(values) not in (1, 3):
+            raise ConversionError(f"{where}: {key} {values} must hold 1 or 3 values")
+        out[key] = values * 3 if len(values) == 1 else values  # one value broadcasts over R, G, B in training
+    return {"do_normalize": True, "image_mean": out["mean"], "image_std": out["std"]}
+
+
+# training transform name -> (its stage in LlavaImageProcessor, the processor settings of one spec)
+TRANSFORM_STAGES = {
+    "expand_to_square": ("pad", _pad_stage),
+    "resize": ("resize", _resize_stage),
+    "center_crop": ("center crop", _crop_stage),
+    "to_tensor": ("rescale", _rescale_stage),
+    "normalize": ("normalize", _normalize_stage),
+}
+STAGE_ORDER = ("pad", "resize", "center crop", "rescale", "normalize")
+
+
+def image_processor_settings(specs: list, where: str) -> dict:
+    """A training `transforms` list -> LlavaImageProcessor keyword arguments that give the same pixel values.
+    `where` names the list in errors (e.g. "params.yaml eval_input.transforms")."""
+    import create_hdf5_dataset as hd
+
+    try:
+        hd.build_transforms(specs)  # the checks training makes: known names, valid arguments
+    except ValueError as e:
+        raise ConversionError(f"{where}: {e}") from None
+    if not any(spec["name"] == "to_tensor" for spec in specs):
+        specs = [*specs, {"name": "to_tensor"}]  # build_transforms appends one too
+    settings = {"do_convert_rgb": True, "do_pad": False, "do_resize": False, "do_center_crop": False,
+                "do_rescale": False, "do_normalize": False}
+    previous = None
+    for i, spec in enumerate(specs):
+        here = f"{where}[{i}] ({spec['name']})"
+        if spec["name"] not in TRANSFORM_STAGES:
+            raise ConversionError(f"{here} has no image-processor equivalent (it can express: "
+                                  f"{', '.join(TRANSFORM_STAGES)}); remove it from the transforms, {IGNORE_HINT}")
+        stage, settings_of = TRANSFORM_STAGES[spec["name"]]
+        if previous is not None and STAGE_ORDER.index(stage) <= STAGE_ORDER.index(previous):
+            raise ConversionError(f"{here} comes after a {previous} step, but the image processor runs each step "
+                                  f"once, in the order {' -> '.join(STAGE_ORDER)}; reorder the transforms, "
+                                  f"{IGNORE_HINT}")
+        previous = stage
+        settings.update(settings_of(spec, here))
+    _check_crop_never_pads(settings, where)
+    return _resolve_pad_colour(settings, where)
+
+
+def _check_crop_never_pads(settings: dict, where: str) -> None:
+    """A center crop larger than its input pads: training puts the image at the floor of the margin, transformers at
+    the ceiling (1 px apart). Only a resize to at least the crop size before it rules that out."""
+    if not settings["do_center_crop"]:
+        return
+    crop = settings["crop_size"]
+    size = settings.get("size", {}) if settings["do_resize"] else {}
+    if "shortest_edge" in size:
+        fits = max(crop["height"], crop["width"]) <= size["shortest_edge"]
+    else:
+        fits = "height" in size and crop["height"] <= size["height"] and crop["width"] <= size["width"]
+    if not fits:
+        raise ConversionError(f"{where}: center_crop {crop['height']}x{crop['width']} can be larger than the image "
+                              f"it gets ({'resize ' + str(size) if size else 'no resize before it'}), and then the "
+                              f"image processor pads 1 px differently from training; put a resize to at least the "
+                              f"crop size before it, {IGNORE_HINT}")
+
+
+def _resolve_pad_colour(settings: dict, where: str) -> dict:
+    """LlavaImageProcessor pads in int(255 * image_mean) (the LLaVA repo's rule). With normalize, that mean is fixed
+    and must give the training colour; without, image_mean is free (do_normalize is off) and is set to give it."""
+    colour = settings.pop("pad_colour", None)
+    if settings["do_normalize"]:
+        implied = [int(m * 255) for m in settings["image_mean"]]
+        if colour is not None and colour != implied:
+            raise ConversionError(f"{where}: expand_to_square background_color {colour}, but the image processor "
+                                  f"pads in int(255 * normalize mean) = {implied}; train with background_color "
+                                  f"{implied}, {IGNORE_HINT}")
+    elif colour is not None:
+        settings.update(image_mean=[(c + 0.5) / 255 for c in colour], image_std=[1.0, 1.0, 1.0])
+    else:
+        settings.update(image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])  # unused: do_normalize is off
+    return settings
+
+
+def processor_output_hw(settings: dict) -> Optional[tuple]:
+    """(height, width) of every image the settings produce, or None when it follows the input's shape."""
+    if settings["do_center_crop"]:
+        return settings["crop_size"]["height"], settings["crop_size"]["width"]
+    size = settings["size"] if settings["do_resize"] else {}
+    if "height" in size:
+        return size["height"], size["width"]
+    if "shortest_edge" in size and settings["do_pad"]:
+        return size["shortest_edge"], size["shortest_edge"]
+    return None
 
 
 # ==============================================================================================
@@ -1316,6 +1473,51 @@ def read_cs_yaml(path: Path) -> dict:
     return model
 
 
+def training_transforms(params, where: str) -> tuple:
+    """(the transforms list, where it is) of a full params mapping, or (None, None). The section is the one run.py's
+    predict and chat modes preprocess with: eval_input when the config has one (the deterministic pipeline the model
+    was measured with), else train_input."""
+    if not isinstance(params, Mapping):
+        return None, None
+    for name in ("eval_input", "train_input"):
+        section = params.get(name)
+        if isinstance(section, Mapping):
+            specs = section.get("transforms")
+            if specs is not None and not isinstance(specs, list):
+                raise ConversionError(f"{where} {name}.transforms must be a list, found {type(specs).__name__}")
+            return (specs, f"{where} {name}.transforms") if specs is not None else (None, None)
+    return None, None
+
+
+def exported_image_settings(cfg, config: Optional[Path], checkpoint_params, checkpoint: Optional[Path],
+                            ignore: bool) -> Optional[dict]:
+    """LlavaImageProcessor settings reproducing the training transforms: --config's when it has them, else the
+    checkpoint's own config (__metadata__ params, as run.py saved it). None = the tower's default processor, when no
+    transforms are found or --ignore-transforms (`ignore`) is given; both say so on stderr."""
+    import create_hdf5_dataset as hd
+
+    specs, where = None, None
+    if config is not None:
+        specs, where = training_transforms(hd.read_yaml_mapping(config, "--config"), str(config))
+    if specs is None:
+        specs, where = training_transforms(checkpoint_params, f"{checkpoint} (__metadata__ params)")
+    default = f"the tower's default {vision_family(cfg).upper()} image processor"
+    if specs is None:
+        print(f"No train_input/eval_input transforms in the config: writing {default}", file=sys.stderr)
+        return None
+    if ignore:
+        print(f"--ignore-transforms: writing {default}, not {where}; its pixel values differ from what training "
+              f"fed the model", file=sys.stderr)
+        return None
+    settings = image_processor_settings(specs, where)
+    size = _square(cfg.image_model.image_size, "model.image_model.image_size")
+    hw = processor_output_hw(settings)
+    if hw is not None and tuple(hw) != (size, size):
+        raise ConversionError(f"{where} make {hw[0]}x{hw[1]} images but model.image_model.image_size is {size}; "
+                              f"fix the transforms or the image_size (the model was trained on one of them)")
+    return settings
+
+
 def guess_format(path: Path) -> Optional[str]:
     """Which format a path looks like (for error messages): hf, llava-hf, cs-2.2 or None."""
     path = Path(path)
@@ -1350,6 +1552,7 @@ class Options:
     seed: int = 0  # --seed for a fresh projector (plain Vicuna input)
     vision_tower: Optional[str] = None  # --vision-tower: mm_vision_tower of hf output; None = OUT/image_model
     chat_template: str = "auto"  # --chat-template: the llava-hf processor's template (CHAT_TEMPLATE_HELP)
+    ignore_transforms: bool = False  # --ignore-transforms: the tower's default image processor, not the training one
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -1531,7 +1734,8 @@ def convert_llava_hf_to_cs(checkpoint: Path, config: Path, out_dir: Path, tgt_fm
 
 
 def _load_cs_and_config(checkpoint: Path, config: Optional[Path]) -> tuple:
-    """(state, cfg, model_section, expected shapes) with every key and shape checked against the config."""
+    """(state, cfg, model_section, expected shapes, the checkpoint's own params or None) with every key and shape
+    checked against the config."""
     state, params = load_cs_checkpoint(checkpoint)
     if config is not None:
         model_section, config_name = read_cs_yaml(config), str(config)
@@ -1555,14 +1759,14 @@ def _load_cs_and_config(checkpoint: Path, config: Optional[Path]) -> tuple:
         problems.append(f"{len(wrong)} shape mismatch(es): {', '.join(wrong[:10])}")
     if problems:
         raise ConversionError(f"{checkpoint} does not match the model of {config_name}:\n  " + "\n  ".join(problems))
-    return state, cfg, model_section, expected
+    return state, cfg, model_section, expected, params
 
 
 def convert_cs_to_cs(checkpoint: Path, config: Optional[Path], out_dir: Path, tgt_fmt: str = "cs-2.2",
                      opts: Options = Options()) -> tuple:
     """Any cs checkpoint (torch.save or, with cerebras.pytorch, HDF5; with or without `model.`) -> a converted-style
     {"model": state} .mdl + yaml. Optimizer and other states are dropped."""
-    state, cfg, model_section, expected = _load_cs_and_config(Path(checkpoint), config)
+    state, cfg, model_section, expected, _ = _load_cs_and_config(Path(checkpoint), config)
     out = {k: _cast(state[k], opts.dtype) for k in expected if k in state}
     out = _finish_cs(out, cfg, expected, str(config or checkpoint))
     return _write_cs(out, model_section, Path(out_dir), tgt_fmt)
@@ -1602,7 +1806,8 @@ def _tokenizer_dir(opts: Options, checkpoint: Path, required: bool) -> Optional[
 
 def convert_cs_to_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, opts: Options = Options()) -> list:
     """cs-2.2 .mdl + yaml -> OUT/image_model/ (CLIPVisionModel) + OUT/text_model/ (LLaVA), sharded."""
-    state, cfg, _, expected = _load_cs_and_config(Path(checkpoint), config)
+    state, cfg, _, expected, params = _load_cs_and_config(Path(checkpoint), config)
+    image_settings = exported_image_settings(cfg, config, params, checkpoint, opts.ignore_transforms)
     tokenizer = _tokenizer_dir(opts, Path(checkpoint), required=False)
     out_dir = Path(out_dir)
     dtype = opts.dtype or _dtype_name(state["text_model.embedding_layer.word_embeddings.weight"])
@@ -1612,6 +1817,7 @@ def convert_cs_to_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, op
     # Configs first: they validate that the CS model is expressible in the LLaVA repo's terms.
     clip_config = cs_to_hf_vision_config(cfg, dtype)
     text_config = cs_to_hf_text_config(cfg, opts.vision_tower or str(image_dir.resolve()), dtype)
+    text_config["image_aspect_ratio"] = hf_image_aspect_ratio(image_settings)
     groups = (vision_family(cfg), "llama", "projector")
     mapper = KeyMapper(False, Heads(cfg.text_model.num_heads, num_kv_heads_of(cfg)), groups=groups)
     for key, tensor in _cs_tensors(state, expected, cfg, opts.progress, "cs -> hf"):
@@ -1620,7 +1826,7 @@ def convert_cs_to_hf(checkpoint: Path, config: Optional[Path], out_dir: Path, op
     mapper.finish(groups)
     written = writers["image"].close() + writers["text"].close()
     _write_json(image_dir / "config.json", clip_config)
-    _write_json(image_dir / "preprocessor_config.json", preprocessor_config(cfg))
+    _write_json(image_dir / "preprocessor_config.json", preprocessor_config(cfg, image_settings))
     _write_json(text_dir / "config.json", text_config)
     if tokenizer is not None:
         for name in TOKENIZER_FILES:
@@ -1779,26 +1985,32 @@ def grow_rows(t, rows: int):
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 
 
-def llava_image_processor(cfg):
-    """The image processor of the tower: CLIP's pads to a square in the mean colour first (as the training
-    transforms, expand_to_square, do) and crops; SigLIP's resizes to image_size x image_size, no crop."""
+def llava_image_processor(cfg, settings: Optional[dict] = None):
+    """LlavaImageProcessor(**settings) when `settings` (image_processor_settings) reproduce the training transforms,
+    for either tower: it can pad, crop and resize exactly, SiglipImageProcessor only the last. Else the default of
+    the tower: CLIP's pads to a square in the mean colour first (as LLaVA's expand_to_square does) and crops;
+    SigLIP's resizes to image_size x image_size, no crop."""
     from transformers import LlavaImageProcessor, SiglipImageProcessor
 
+    if settings is not None:
+        return LlavaImageProcessor(**settings)
     size = _square(cfg.image_model.image_size, "model.image_model.image_size")
     if vision_family(cfg) == "siglip":
         return SiglipImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=3,
                                     do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                    image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+                                    image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
+                                    do_convert_rgb=True)  # its default (unset) fails on a grey image
     return LlavaImageProcessor(do_pad=True, size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
 
-def llava_processor(cfg, tok, chat_template: str):
+def llava_processor(cfg, tok, chat_template: str, image_settings: Optional[dict] = None):
     """LlavaProcessor expanding each <image> to the model's image_tokens_of(cfg) tokens: it counts patches, adds
-    num_additional_image_tokens (CLIP's CLS) and drops one for strategy "default"."""
+    num_additional_image_tokens (CLIP's CLS) and drops one for strategy "default". image_settings: see
+    llava_image_processor."""
     from transformers import LlavaProcessor
 
-    return LlavaProcessor(image_processor=llava_image_processor(cfg), tokenizer=tok,
+    return LlavaProcessor(image_processor=llava_image_processor(cfg, image_settings), tokenizer=tok,
                           patch_size=_square(cfg.image_model.patch_size, "model.image_model.patch_size"),
                           vision_feature_select_strategy=llava_hf_strategy(cfg), chat_template=chat_template,
                           image_token=IMAGE_TOKEN, num_additional_image_tokens=int(cfg.image_model.prepend_cls_token))
@@ -1809,7 +2021,8 @@ def convert_cs_to_llava_hf(checkpoint: Path, config: Optional[Path], out_dir: Pa
     <pad> when it has no pad token), processor with the --chat-template template)."""
     from transformers import GenerationConfig
 
-    state, cfg, _, expected = _load_cs_and_config(Path(checkpoint), config)
+    state, cfg, _, expected, params = _load_cs_and_config(Path(checkpoint), config)
+    image_settings = exported_image_settings(cfg, config, params, checkpoint, opts.ignore_transforms)
     tok = llava_tokenizer(_tokenizer_dir(opts, Path(checkpoint), required=True))
     template = chat_template_for(tok, opts.chat_template)
     vocab = cfg.text_model.vocab_size
@@ -1835,7 +2048,7 @@ def convert_cs_to_llava_hf(checkpoint: Path, config: Optional[Path], out_dir: Pa
     written = writer.close()
     _write_json(out_dir / "config.json", hf_config)
     GenerationConfig(**dict(ids, eos_token_id=stop_ids(tok, template))).save_pretrained(str(out_dir))
-    llava_processor(cfg, tok, template).save_pretrained(str(out_dir))
+    llava_processor(cfg, tok, template, image_settings).save_pretrained(str(out_dir))
     return written + [out_dir / "config.json"]
 
 
@@ -1888,14 +2101,21 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _check_ignore_transforms(args) -> None:
+    if args.ignore_transforms and _kind(args.tgt_fmt) not in ("hf", "llava-hf"):
+        raise ConversionError(f"--ignore-transforms only applies to --tgt-fmt hf and llava-hf (it picks their image "
+                              f"processor); --tgt-fmt {args.tgt_fmt} writes none: drop the option")
+
+
 def _options(args) -> Options:
+    _check_ignore_transforms(args)
     if args.chat_template is not None and _kind(args.tgt_fmt) != "llava-hf":
         raise ConversionError(f"--chat-template only applies to --tgt-fmt llava-hf (it sets the processor's chat "
                               f"template); --tgt-fmt {args.tgt_fmt} has no processor: drop the option")
     return Options(shard_bytes=parse_size(args.hf_shard_size), safetensors=args.export_safetensors,
                    dtype=args.dtype, progress=not args.no_progress_bar, strict=not args.drop_unmatched_keys,
                    tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else None, seed=args.seed,
-                   chat_template=args.chat_template or "auto")
+                   chat_template=args.chat_template or "auto", ignore_transforms=args.ignore_transforms)
 
 
 def _check_pair(src: str, tgt: str) -> tuple:
@@ -1971,7 +2191,8 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _write_configs(pair: tuple, src: Path, out: Path, tgt_fmt: str, vision_tower: Optional[str]) -> list:
+def _write_configs(pair: tuple, src: Path, out: Path, tgt_fmt: str, vision_tower: Optional[str],
+                   ignore_transforms: bool = False) -> list:
     """convert-config: the converted config file(s) written into `out`."""
     if pair[1] == "cs":
         if pair[0] == "cs":
@@ -1990,9 +2211,12 @@ def _write_configs(pair: tuple, src: Path, out: Path, tgt_fmt: str, vision_tower
         (out / "text_model").mkdir()
         written = [out / "image_model" / "config.json", out / "image_model" / "preprocessor_config.json",
                    out / "text_model" / "config.json"]
+        image_settings = exported_image_settings(cfg, src, None, None, ignore_transforms)
+        text_config = cs_to_hf_text_config(cfg, vision_tower)
+        text_config["image_aspect_ratio"] = hf_image_aspect_ratio(image_settings)
         _write_json(written[0], cs_to_hf_vision_config(cfg))
-        _write_json(written[1], preprocessor_config(cfg))
-        _write_json(written[2], cs_to_hf_text_config(cfg, vision_tower))
+        _write_json(written[1], preprocessor_config(cfg, image_settings))
+        _write_json(written[2], text_config)
         return written
     vocab = cfg.text_model.vocab_size  # without a tokenizer, assume llava-hf's: <image> = vocab, <pad> = vocab + 1
     hf_config = cs_to_llava_hf_config(cfg, vocab, vocab + 1)
@@ -2003,11 +2227,12 @@ def _write_configs(pair: tuple, src: Path, out: Path, tgt_fmt: str, vision_tower
 
 def cmd_convert_config(args) -> int:
     pair = _check_pair(args.src_fmt, args.tgt_fmt)
+    _check_ignore_transforms(args)
     src = Path(args.config_file)
     out = Path(args.output_dir) if args.output_dir else (src if src.is_dir() else src.parent)
     vision_tower = _vision_tower(args, out)
     with staged_output(out) as stage:
-        written = _write_configs(pair, src, stage, args.tgt_fmt, vision_tower)
+        written = _write_configs(pair, src, stage, args.tgt_fmt, vision_tower, args.ignore_transforms)
     print(f"Config saved to {_final(written, stage, out)}")
     return 0
 
@@ -2047,6 +2272,10 @@ def cmd_diff(args) -> int:
     return 0 if same else 1
 
 
+IGNORE_TRANSFORMS_HELP = ("hf / llava-hf output: write the tower's default image processor (CLIP: pad in the mean "
+                          "colour, bicubic resize, CLIP mean/std; SigLIP: bicubic square resize, mean = std = 0.5) "
+                          "instead of one that reproduces the config's eval_input (else train_input) transforms; "
+                          "for transforms the processor cannot express. Its pixels differ from training's")
 VISION_TOWER_HELP = ("hf output: the mm_vision_tower of text_model/config.json, written exactly as given. The LLaVA "
                      "repo accepts a path that exists where it runs (a relative one is taken from its working "
                      "directory) or a hub id starting with openai/ or laion/, e.g. openai/clip-vit-large-patch14-336 "
@@ -2094,6 +2323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tower", metavar="PATH_OR_HUB_ID", help=VISION_TOWER_HELP)
     p.add_argument("--chat-template", choices=CHAT_TEMPLATE_SOURCES + tuple(hd.CHAT_TEMPLATES),
                    help=CHAT_TEMPLATE_HELP)
+    p.add_argument("--ignore-transforms", action="store_true", help=IGNORE_TRANSFORMS_HELP)
     p.add_argument("--no-progress-bar", "--no_progress", dest="no_progress_bar", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback on failure")
     p.set_defaults(func=cmd_convert)
@@ -2106,6 +2336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tgt-fmt", required=True, choices=FORMATS)
     p.add_argument("--output-dir")
     p.add_argument("--vision-tower", metavar="PATH_OR_HUB_ID", help=VISION_TOWER_HELP)
+    p.add_argument("--ignore-transforms", action="store_true", help=IGNORE_TRANSFORMS_HELP)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_convert_config)
 

@@ -102,7 +102,8 @@ def test_phase2_trains_projector_and_lm_but_not_the_vit(demo_run):
 
 def test_exported_llava_hf_model_answers_through_transformers(demo_run):
     """The trained demo model handed to transformers (llava-hf export: weights, processor, chat template) answers the
-    held-out questions with generate() about as well as run.py's own eval measured."""
+    held-out questions with generate() about as well as run.py's own eval measured. It is fed the exported
+    processor's own pixel values, which equal the ones training made (the config's transforms)."""
     import json
     import subprocess
     import sys
@@ -110,6 +111,9 @@ def test_exported_llava_hf_model_answers_through_transformers(demo_run):
 
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import convert_checkpoint as cc
+    import create_hdf5_dataset as hd
 
     metrics, out = demo_run
     root = Path(__file__).resolve().parents[1]
@@ -122,12 +126,16 @@ def test_exported_llava_hf_model_answers_through_transformers(demo_run):
     processor = AutoProcessor.from_pretrained(export)
     records = [json.loads(line) for line in (out / "data" / "phase2" / "eval" / "data.jsonl").read_text().splitlines()]
     records = [r for r in records if "image" in r][:40]
+    params = torch.load(metrics["phase2_checkpoint"], weights_only=True)["__metadata__"][-1]["params"]
+    training_pixels = hd.build_transforms(cc.training_transforms(params, "")[0])  # what the converter read
     right = 0
     for r in records:
         question = r["conversations"][0]["value"].replace("<image>", "").strip()
         chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
-        inputs = processor(images=Image.open(out / "data" / "images" / r["image"]), text=prompt, return_tensors="pt")
+        image = Image.open(out / "data" / "images" / r["image"]).convert("RGB")
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        assert (inputs["pixel_values"][0] - torch.from_numpy(training_pixels(image))).abs().max() <= 1e-5
         with torch.no_grad():
             tokens = hf.generate(**inputs, max_new_tokens=3, do_sample=False)
         answer = processor.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
