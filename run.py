@@ -1188,10 +1188,18 @@ def report_eval(model_dir: Path, step: int, metrics: dict, detail: str = "") -> 
                f"{metrics['first_answer_token_accuracy']:.4f} (majority baseline "
                f"{metrics['majority_first_answer_baseline']:.4f}){detail}")
     logger.close()
-    out = model_dir / f"eval_{step}.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out)
+    write_text_atomically(model_dir / f"eval_{step}.json", json.dumps(metrics, indent=2))
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` into `path` through a hidden temporary file renamed over it: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def json_lines(records: list) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1261,11 +1269,29 @@ def references_of(q: dict) -> Optional[list[str]]:
     return [r["answer"] if isinstance(r, dict) else str(r) for r in refs]
 
 
+def answer_input(sections: dict) -> Optional[InputConfig]:
+    """The input section predict and chat take images (transforms, img_data_dir) and data_params.json from:
+    eval_input, else train_input."""
+    return sections.get("eval_input") or sections.get("train_input")
+
+
+def check_generation_args(args) -> None:
+    """Flag values generation cannot use, as messages naming the flag."""
+    for flag, value, ok, need in (("--max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+                                  ("--predict_batch_size", args.predict_batch_size, args.predict_batch_size >= 1,
+                                   ">= 1"),
+                                  ("--top_k", args.top_k, args.top_k >= 0, ">= 0 (0 = all tokens)"),
+                                  ("--top_p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)")):
+        if not ok:
+            raise SystemExit(f"{flag} {value}: must be {need}")
+
+
 def prompt_layout(args, sections: dict):
     """The phase-2 data's TokenLayout (tokenizer, prompt style, image slots) from its data_params.json."""
     import create_hdf5_dataset as hd
 
-    cfg = sections.get("eval_input") or sections.get("train_input")
+    cfg = answer_input(sections)
     where = Path(args.data_params) if args.data_params else None
     if where is None and cfg is not None:
         where = Path(cfg.data_dir if isinstance(cfg.data_dir, str) else cfg.data_dir[0]) / "data_params.json"
@@ -1309,16 +1335,15 @@ def predict(args, rt: Runtime, sections: dict, llava, step: int, model_dir: Path
     if not args.questions or not args.answers:
         raise SystemExit("--mode predict needs --questions FILE and --answers OUT")
     layout, tok = prompt_layout(args, sections)
-    cfg = sections.get("eval_input") or sections.get("train_input")
+    cfg = answer_input(sections)
     transform = hd.build_transforms(cfg.transforms if cfg else None)
     questions, bad_lines = read_questions(Path(args.questions))
     out = Path(args.answers)
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-rank{rt.rank}")
     kept = read_answers(partial)
     if partial.is_file():  # rewrite without a line a killed run cut short, so appended answers stay whole lines
-        tmp = partial.with_name(partial.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, partial)
+        write_text_atomically(partial, json_lines(kept))
     answered = {rec["question_id"] for rec in kept}
     mine = [q for i, q in enumerate(questions) if i % rt.world_size == rt.rank and q["question_id"] not in answered]
     counts = {"bad_lines": bad_lines, "bad_image": 0, "too_long": 0}
@@ -1401,7 +1426,7 @@ def chat(args, rt: Runtime, sections: dict, llava) -> dict:
     if not args.image:
         raise SystemExit("--mode chat needs --image IMG (and --prompt TEXT to answer once)")
     layout, tok = prompt_layout(args, sections)
-    cfg = sections.get("eval_input") or sections.get("train_input")
+    cfg = answer_input(sections)
     try:
         with Image.open(args.image) as im:
             image = torch.from_numpy(hd.build_transforms(cfg.transforms if cfg else None)(im.convert("RGB")))
@@ -1447,10 +1472,7 @@ def finish_predictions(questions: list, out: Path, world: int, counts: dict, mod
     partials = [out.with_name(f".{out.name}.partial-rank{r}") for r in range(world)]
     by_id = {rec["question_id"]: rec for p in partials for rec in read_answers(p)}
     ordered = [by_id[q["question_id"]] for q in questions if q["question_id"] in by_id]
-    tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomically(out, json_lines(ordered))
     for p in partials:
         p.unlink(missing_ok=True)
     metrics = {"step": step, "questions": len(questions), "answered": len(ordered), "skipped": counts}
@@ -1472,9 +1494,7 @@ def finish_predictions(questions: list, out: Path, world: int, counts: dict, mod
     for k, m in metrics.get("accuracy", {}).items():
         print(f"  {k}: exact match {m['exact_match']:.1%}, VQA accuracy {m['vqa_accuracy']:.1%} over "
               f"{m['questions']} questions")
-    tmp = model_dir / f".predict_{step}.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, model_dir / f"predict_{step}.json")
+    write_text_atomically(model_dir / f"predict_{step}.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -1548,6 +1568,8 @@ def main(argv=None):
     if args.target == "CSX" and args.mode in ("predict", "chat"):
         raise SystemExit(f"--mode {args.mode} runs on GPU or CPU (python run.py GPU|CPU --mode {args.mode} ...); "
                          f"checkpoints written on CSX load there too")
+    if args.mode in ("predict", "chat"):
+        check_generation_args(args)  # before the model is built
     if args.target == "CSX":
         try:
             import cerebras.pytorch  # noqa: F401

@@ -107,6 +107,21 @@ def test_sampling_is_reproducible_and_respects_top_k():
     assert torch.equal(ml.next_tokens(logits, temperature=0.0), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_one_query_attention_equals_sdpa_over_the_repeated_cache(heads, kv_heads):
+    """The decoding step's grouped-head attention computes what the prompt pass's path does: the cache repeated
+    per query group and scaled_dot_product_attention with the same mask."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, heads, 1, 16, generator=g)
+    k, v = torch.randn(2, 3, kv_heads, 11, 16, generator=g)
+    attend = torch.rand(3, 1, 1, 11, generator=g) > 0.3
+    attend[..., -1] = True  # the new token always sees itself
+    groups = heads // kv_heads
+    plain = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), attn_mask=attend)
+    torch.testing.assert_close(ml.one_query_attention(q, k, v, attend), plain[:, :, 0], atol=1e-6, rtol=1e-5)
+
+
 def test_cache_holds_exactly_prompt_plus_new_tokens():
     cache = ml.KVCache(1, 2, 4, 8, torch.float32, "cpu")
     cache.append(torch.ones(1, 2, 3, 8), torch.ones(1, 2, 3, 8))

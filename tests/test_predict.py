@@ -51,3 +51,11 @@ def test_missing_questions_file_is_a_message(tmp_path):
 def test_predict_on_csx_says_to_use_gpu_or_cpu():
     with pytest.raises(SystemExit, match="runs on GPU or CPU"):
         run.main(["CSX", "--mode", "predict", "--params", "configs/params_llava_tiny_phase2.yaml"])
+
+
+@pytest.mark.parametrize("flag,value", [("--max_new_tokens", "0"), ("--predict_batch_size", "0"), ("--top_p", "1.5"),
+                                        ("--top_k", "-1"), ("--temperature", "-0.5")])
+def test_generation_flags_out_of_range_are_messages(flag, value):
+    args = run.build_parser().parse_args(["CPU", "--mode", "predict", "--params", "p.yaml", flag, value])
+    with pytest.raises(SystemExit, match=f"{flag} {value}: must be"):
+        run.check_generation_args(args)
