@@ -756,12 +756,9 @@ class TokenLayout:
         questions[0] = "\n" + questions[0].replace("<image>", "").strip()
         if self.chat is not None:
             return slots + self.chat.generation_prompt(questions, [a for _, a in history])
-        ids = []
-        for i, q in enumerate(questions):
-            ids += (self.user_ids if i else []) + self.encode([q])[0] + self.assistant_ids
-            if i < len(history):
-                ids += self.encode([history[i][1]])[0] + [self.eos_id]
-        return slots + ids
+        answers = [a for _, a in history] + [""]
+        segments = self.build_turns(list(zip(self.encode(questions), self.encode(answers))), True)
+        return slots + [t for ids, _ in segments for t in ids][:-1]  # the empty last answer leaves only its EOS
 
     def write_row(self, row: np.ndarray, ids: list[int], tgt: list[int]) -> None:
         """Write a sample's suffix into `row`, which already holds templates[v]."""
