@@ -25,6 +25,8 @@ Usage:
 from __future__ import annotations
 
 import math
+import os
+import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -267,15 +269,18 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Optional[torch.Tensor] = None,
+                        blocked: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of one new token per row (a decoding step): q [B, H, 1, D] over the cached k, v [B, KV, L, D],
-    attend [B, 1, 1, L] (bool). The H query heads are grouped per kv head as [B, KV, H/KV, D], so the cache is
-    read in place: repeating it per group (as the prompt pass does) would copy all of it at every step, which
-    took more time than the matmuls. Softmax in fp32, as scaled_dot_product_attention does. Returns [B, H, D]."""
+    attend [B, 1, 1, L] (bool), or blocked = ~attend made once for all layers. The H query heads are grouped per
+    kv head as [B, KV, H/KV, D], so the cache is read in place: repeating it per group (as the prompt pass does)
+    would copy all of it at every step, which took more time than the matmuls. Softmax in fp32, as
+    scaled_dot_product_attention does. Returns [B, H, D]."""
     b, heads, _, d = q.shape
     kv = k.shape[1]
     scores = torch.matmul(q.reshape(b, kv, heads // kv, d), k.transpose(-1, -2)) * d ** -0.5
-    weights = scores.float().masked_fill(~attend, float("-inf")).softmax(-1).to(v.dtype)
+    blocked = ~attend if blocked is None else blocked
+    weights = scores.float().masked_fill(blocked, float("-inf")).softmax(-1).to(v.dtype)
     return torch.matmul(weights, v).reshape(b, heads, d)
 
 
@@ -624,6 +629,169 @@ class KVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
+# ----------------------------------------------------------------------------------------------
+# Decoding steps: one new token per row, after the prompt pass
+#
+# A step reads every weight of the decoder for a handful of rows, so its time is the weights' memory traffic plus
+# the per-op overhead of the layer code. The step path below runs the layers with as few ops as they allow, and on
+# CPU in fp32 multiplies through oneDNN weights reordered once into its blocked layout: MKL's gemm (F.linear) runs
+# far below memory bandwidth for a few rows (benchmarks/generate.py measures both). The reordered weights are a copy,
+# so they are made only where the copy fits easily in free memory, and kept per text model until its weights change.
+
+
+def free_memory_bytes() -> int:
+    """Physical memory not in use, as the OS reports it (0 where it does not)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def can_reorder_weights(weights: Sequence[torch.Tensor]) -> bool:
+    """True when oneDNN's reordered-weight matmul serves these weights: fp32 on CPU, oneDNN built in, and a copy of
+    them taking at most half of the free memory."""
+    first = weights[0]
+    if first.device.type != "cpu" or first.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    return 2 * sum(w.numel() * w.element_size() for w in weights) <= free_memory_bytes()
+
+
+# The batch size oneDNN lays reordered weights out for. Any batch runs on them; a layout for 1 row made 8 rows
+# 1.7x slower, while one for 32 rows ran 1 to 32 rows as fast as the layout made for each.
+REORDER_ROWS_HINT = 32
+
+
+class StepLinear:
+    """The nn.Linears that read the same input in a step, applied to x [B, in]; returns their outputs in order.
+
+    reorder=True: their weights concatenated and reordered for oneDNN (one matmul, one copy of the weights held);
+    otherwise the modules themselves, no copy."""
+
+    def __init__(self, linears: Sequence[nn.Linear], reorder: bool):
+        self.linears = list(linears)
+        self.sizes = [linear.out_features for linear in linears]
+        self.weight = self.bias = None
+        if reorder:
+            weight = torch.cat([linear.weight for linear in linears])
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, REORDER_ROWS_HINT)
+            if linears[0].bias is not None:
+                self.bias = torch.cat([linear.bias for linear in linears])
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.weight is None:
+            return [linear(x) for linear in self.linears]
+        out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
+
+
+def step_rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, head_dim: int):
+    """cos and signed-sin tables [B, 1, 1, head_dim] for one token per row at positions [B], such that
+    apply_step_rotary(x) equals apply_interleaved_rotary(x) bit for bit: pair (e, o) becomes
+    (e*cos + o*(-sin), o*cos + e*sin), and the channels past the rotary ones get cos 1, sin 0."""
+    cos, sin = rotary_for_positions(positions[:, None], inv_freq, scaling)
+    cos_full = torch.ones(*cos.shape[:-1], head_dim, dtype=cos.dtype, device=cos.device)
+    sin_full = torch.zeros_like(cos_full)
+    rotary_dim = 2 * cos.shape[-1]
+    cos_full[..., :rotary_dim] = cos.repeat_interleave(2, dim=-1)
+    sin_full[..., :rotary_dim] = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return cos_full, sin_full
+
+
+def apply_step_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The interleaved rotation of x [B, heads, 1, D] in four ops: x*cos + swap_pairs(x)*signed_sin."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos + swapped * signed_sin
+
+
+class DecoderLayerStep:
+    """LlamaDecoderLayer.forward for one new token per row (x [B, hidden]), in eval mode (no dropout)."""
+
+    def __init__(self, layer: "LlamaDecoderLayer", reorder: bool):
+        attn = layer.self_attn
+        up, down = layer.ffn.ffn
+        self.norm1, self.norm3 = layer.norm1, layer.norm3
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.qkv = StepLinear([attn.proj_q_dense_layer, attn.proj_k_dense_layer, attn.proj_v_dense_layer], reorder)
+        self.out = StepLinear([attn.proj_output_dense_layer], reorder)
+        self.activation = up.activation
+        gated = [up.linear_layer, up.linear_layer_for_glu] if up.activation in GLU_ACTIVATIONS else [up.linear_layer]
+        self.up = StepLinear(gated, reorder)
+        self.down = StepLinear([down.linear_layer], reorder)
+
+    def __call__(self, x: torch.Tensor, rotary: tuple, blocked: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """rotary: step_rotary_tables; blocked [B, 1, 1, L] (bool): keys the new tokens do not attend to."""
+        b = x.shape[0]
+        q, k, v = self.qkv(self.norm1(x))
+        q = q.view(b, self.heads, 1, self.head_dim)
+        k = k.view(b, self.kv_heads, 1, self.head_dim)
+        v = v.view(b, self.kv_heads, 1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_step_rotary(q, *rotary).to(v.dtype)
+        k = apply_step_rotary(k, *rotary).to(v.dtype)
+        keys, values = cache.append(k, v)
+        x = x + self.out(one_query_attention(q, keys, values, blocked=blocked).reshape(b, -1))[0]
+        hidden = self.up(self.norm3(x))
+        if self.activation in GLU_ACTIVATIONS:
+            hidden = hidden[0] * GLU_ACTIVATIONS[self.activation](hidden[1])
+        else:
+            hidden = ACTIVATIONS[self.activation](hidden[0])
+        return x + self.down(hidden)[0]
+
+
+class DecodingSteps:
+    """A LlamaLMModel prepared for decoding steps: tokens [B] at positions [B] -> logits [B, V] of the next ones."""
+
+    def __init__(self, text_model: "LlamaLMModel", reorder: bool):
+        self.embeddings = text_model.embedding_layer.word_embeddings
+        self.layers = [DecoderLayerStep(layer, reorder) for layer in text_model.transformer_decoder.layers]
+        self.head_dim = self.layers[0].head_dim
+        self.final_norm = text_model.ln_f
+        self.lm_head = StepLinear([text_model.lm_head], reorder)
+        self.inv_freq = text_model.inverse_frequencies(self.embeddings.weight.device)
+        self.scaling = text_model.pos_scaling_factor
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)[0]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor,
+                 caches: list[KVCache]) -> torch.Tensor:
+        """attend [B, 1, 1, L] (bool) covers the L = cached + new keys; returns the next tokens' logits."""
+        x = self.embeddings(tokens)
+        rotary = step_rotary_tables(positions, self.inv_freq, self.scaling, self.head_dim)
+        blocked = ~attend
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, rotary, blocked, cache)
+        return self.logits(self.final_norm(x))
+
+
+# Reordered decoding weights per text model, dropped with it; rebuilt when any of its weights changed.
+_REORDERED_STEPS: "weakref.WeakKeyDictionary[LlamaLMModel, tuple]" = weakref.WeakKeyDictionary()
+
+
+def decoding_steps(text_model: "LlamaLMModel") -> DecodingSteps:
+    """The text model's DecodingSteps: reordered weights where can_reorder_weights allows
+    (reused across calls while the weights are unchanged in place and in value), else the modules' own."""
+    layers = text_model.transformer_decoder.layers
+    weights = [p for p in layers.parameters() if p.dim() == 2] + [text_model.lm_head.weight]
+    if not can_reorder_weights(weights):
+        return DecodingSteps(text_model, reorder=False)
+    state = tuple((w.data_ptr(), w._version) for w in weights)
+    kept = _REORDERED_STEPS.get(text_model)
+    if kept is not None and kept[0] == state:
+        return kept[1]
+    _REORDERED_STEPS.pop(text_model, None)  # free the old copy before making the new one
+    try:
+        steps = DecodingSteps(text_model, reorder=True)
+    except RuntimeError:  # oneDNN without a kernel for this CPU: the plain matmul
+        return DecodingSteps(text_model, reorder=False)
+    _REORDERED_STEPS[text_model] = (state, steps)
+    return steps
+
+
 def next_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row of logits [B, V]: argmax at temperature 0, else a sample from the temperature-scaled
@@ -787,7 +955,7 @@ class Llava(nn.Module):
 
         input_ids [B, S]: prompts padded on the left (attention_mask [B, S], 1 = attended token), each holding the NP
         image slots at image_start_idx [B] when image_data [B, C, H, W] is given. The image features are computed
-        once; the prompt is encoded once into static-size key/value caches, then one token per step."""
+        once; the prompt is encoded once into static-size key/value caches, then one token per step (DecodingSteps)."""
         b, s = input_ids.shape
         real = attention_mask.bool()
         embeds = self.text_model.compute_input_embeddings(input_ids)
@@ -802,22 +970,21 @@ class Llava(nn.Module):
         # positions count from each row's first real token; masked slots after it (a text-only row's image
         # slots, as in training) still take their positions
         positions = (torch.arange(s, device=embeds.device) - real.long().argmax(1, keepdim=True)).clamp(min=0)
-        hidden = self.text_model.decode_cached(embeds, positions, attend, caches)[:, -1]
-        position = positions[:, -1:] + 1
+        steps = decoding_steps(self.text_model)
+        logits = steps.logits(self.text_model.decode_cached(embeds, positions, attend, caches)[:, -1])
+        position = positions[:, -1] + 1
         rules = StopRules(eos_token_ids, stop_sequences, stop_strings, decode)
         history: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         for step in range(max_new_tokens):
-            token = next_tokens(self.text_model.lm_head(hidden), temperature, top_k, top_p, generator)
+            token = next_tokens(logits, temperature, top_k, top_p, generator)
             for row, t in enumerate(token.tolist()):
                 if not done[row]:
                     done[row] = rules.add(history[row], t)
             if all(done) or step == max_new_tokens - 1:
                 break
             keys[:, s + step] = True
-            attend = keys[:, None, None, :s + step + 1]
-            embeds = self.text_model.compute_input_embeddings(token[:, None])
-            hidden = self.text_model.decode_cached(embeds, position, attend, caches)[:, -1]
+            logits = steps(token, position, keys[:, None, None, :s + step + 1], caches)
             position = position + 1
         return history
 
