@@ -633,10 +633,23 @@ class KVCache:
 # Decoding steps: one new token per row, after the prompt pass
 #
 # A step reads every weight of the decoder for a handful of rows, so its time is the weights' memory traffic plus
-# the per-op overhead of the layer code. The step path below runs the layers with as few ops as they allow, and on
-# CPU in fp32 multiplies through oneDNN weights reordered once into its blocked layout: MKL's gemm (F.linear) runs
-# far below memory bandwidth for a few rows (benchmarks/generate.py measures both). The reordered weights are a copy,
-# so they are made only where the copy fits easily in free memory, and kept per text model until its weights change.
+# the per-op overhead of the layer code. The step path below runs the layers with as few ops as they allow. On CPU
+# in fp32 it also multiplies through a copy of the weights laid out for the step's few rows, because MKL's gemm
+# on nn.Linear's [out, in] weights (F.linear) reads them far below memory bandwidth there; benchmarks/generate.py
+# measures the whole. The copy is made only where it fits easily in free memory, and kept per text model until its
+# weights change.
+#
+# Weight layouts of a step (STEP_LAYOUTS):
+#   "modules"    the nn.Linears themselves: no copy (GPUs, half precision, little free memory)
+#   "transposed" [in, out] contiguous, x @ W: MKL's gemv, at memory bandwidth for one row (2.4x F.linear on the
+#                LM head); q/k/v and gate/up concatenated into one matmul each
+#   "onednn"     reordered into oneDNN's blocked layout: 1.5-2x F.linear for 4 to 32 rows, where the
+#                transposed layout is no faster than F.linear; concatenated as above
+STEP_LAYOUTS = ("modules", "transposed", "onednn")
+
+# The batch size oneDNN lays reordered weights out for. Any batch runs on them; a layout for 1 row made 8 rows
+# 1.7x slower, while one for 32 rows ran 1 to 32 rows as fast as the layout made for each.
+REORDER_ROWS_HINT = 32
 
 
 def free_memory_bytes() -> int:
@@ -647,42 +660,47 @@ def free_memory_bytes() -> int:
         return 0
 
 
-def can_reorder_weights(weights: Sequence[torch.Tensor]) -> bool:
-    """True when oneDNN's reordered-weight matmul serves these weights: fp32 on CPU, oneDNN built in, and a copy of
-    them taking at most half of the free memory."""
+def step_layout(weights: Sequence[torch.Tensor], rows: int) -> str:
+    """The STEP_LAYOUTS entry for decoding `rows` rows with these weights: a copy only for fp32 on CPU, and only
+    where it takes at most half of the free memory."""
     first = weights[0]
-    if first.device.type != "cpu" or first.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return False
-    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return False
-    return 2 * sum(w.numel() * w.element_size() for w in weights) <= free_memory_bytes()
-
-
-# The batch size oneDNN lays reordered weights out for. Any batch runs on them; a layout for 1 row made 8 rows
-# 1.7x slower, while one for 32 rows ran 1 to 32 rows as fast as the layout made for each.
-REORDER_ROWS_HINT = 32
+    if first.device.type != "cpu" or first.dtype != torch.float32:
+        return "modules"
+    if 2 * sum(w.numel() * w.element_size() for w in weights) > free_memory_bytes():
+        return "modules"
+    if rows == 1:
+        return "transposed"
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return "onednn"
+    return "modules"
 
 
 class StepLinear:
-    """The nn.Linears that read the same input in a step, applied to x [B, in]; returns their outputs in order.
+    """The nn.Linears that read the same input in a step, applied to x [B, in]; returns their outputs in order,
+    through the weights in `layout` (STEP_LAYOUTS)."""
 
-    reorder=True: their weights concatenated and reordered for oneDNN (one matmul, one copy of the weights held);
-    otherwise the modules themselves, no copy."""
-
-    def __init__(self, linears: Sequence[nn.Linear], reorder: bool):
+    def __init__(self, linears: Sequence[nn.Linear], layout: str):
         self.linears = list(linears)
         self.sizes = [linear.out_features for linear in linears]
+        self.layout = layout
         self.weight = self.bias = None
-        if reorder:
-            weight = torch.cat([linear.weight for linear in linears])
+        if layout == "modules":
+            return
+        weight = torch.cat([linear.weight for linear in linears])
+        if layout == "transposed":
+            self.weight = weight.t().contiguous()
+        else:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, REORDER_ROWS_HINT)
-            if linears[0].bias is not None:
-                self.bias = torch.cat([linear.bias for linear in linears])
+        if linears[0].bias is not None:
+            self.bias = torch.cat([linear.bias for linear in linears])
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.weight is None:
+        if self.layout == "modules":
             return [linear(x) for linear in self.linears]
-        out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.layout == "transposed":
+            out = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
 
 
@@ -708,18 +726,18 @@ def apply_step_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tens
 class DecoderLayerStep:
     """LlamaDecoderLayer.forward for one new token per row (x [B, hidden]), in eval mode (no dropout)."""
 
-    def __init__(self, layer: "LlamaDecoderLayer", reorder: bool):
+    def __init__(self, layer: "LlamaDecoderLayer", layout: str):
         attn = layer.self_attn
         up, down = layer.ffn.ffn
         self.norm1, self.norm3 = layer.norm1, layer.norm3
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        self.qkv = StepLinear([attn.proj_q_dense_layer, attn.proj_k_dense_layer, attn.proj_v_dense_layer], reorder)
-        self.out = StepLinear([attn.proj_output_dense_layer], reorder)
+        self.qkv = StepLinear([attn.proj_q_dense_layer, attn.proj_k_dense_layer, attn.proj_v_dense_layer], layout)
+        self.out = StepLinear([attn.proj_output_dense_layer], layout)
         self.activation = up.activation
         gated = [up.linear_layer, up.linear_layer_for_glu] if up.activation in GLU_ACTIVATIONS else [up.linear_layer]
-        self.up = StepLinear(gated, reorder)
-        self.down = StepLinear([down.linear_layer], reorder)
+        self.up = StepLinear(gated, layout)
+        self.down = StepLinear([down.linear_layer], layout)
 
     def __call__(self, x: torch.Tensor, rotary: tuple, blocked: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """rotary: step_rotary_tables; blocked [B, 1, 1, L] (bool): keys the new tokens do not attend to."""
@@ -743,14 +761,16 @@ class DecoderLayerStep:
 
 
 class DecodingSteps:
-    """A LlamaLMModel prepared for decoding steps: tokens [B] at positions [B] -> logits [B, V] of the next ones."""
+    """A LlamaLMModel prepared for decoding steps: tokens [B] at positions [B] -> logits [B, V] of the next ones,
+    its linear layers' weights in `layout` (STEP_LAYOUTS)."""
 
-    def __init__(self, text_model: "LlamaLMModel", reorder: bool):
+    def __init__(self, text_model: "LlamaLMModel", layout: str):
+        self.layout = layout
         self.embeddings = text_model.embedding_layer.word_embeddings
-        self.layers = [DecoderLayerStep(layer, reorder) for layer in text_model.transformer_decoder.layers]
+        self.layers = [DecoderLayerStep(layer, layout) for layer in text_model.transformer_decoder.layers]
         self.head_dim = self.layers[0].head_dim
         self.final_norm = text_model.ln_f
-        self.lm_head = StepLinear([text_model.lm_head], reorder)
+        self.lm_head = StepLinear([text_model.lm_head], layout)
         self.inv_freq = text_model.inverse_frequencies(self.embeddings.weight.device)
         self.scaling = text_model.pos_scaling_factor
 
@@ -768,27 +788,28 @@ class DecodingSteps:
         return self.logits(self.final_norm(x))
 
 
-# Reordered decoding weights per text model, dropped with it; rebuilt when any of its weights changed.
-_REORDERED_STEPS: "weakref.WeakKeyDictionary[LlamaLMModel, tuple]" = weakref.WeakKeyDictionary()
+# Decoding weights copied into a step layout, per text model, dropped with it: (layout, weights' state, steps).
+_COPIED_STEPS: "weakref.WeakKeyDictionary[LlamaLMModel, tuple]" = weakref.WeakKeyDictionary()
 
 
-def decoding_steps(text_model: "LlamaLMModel") -> DecodingSteps:
-    """The text model's DecodingSteps: reordered weights where can_reorder_weights allows
-    (reused across calls while the weights are unchanged in place and in value), else the modules' own."""
+def decoding_steps(text_model: "LlamaLMModel", rows: int) -> DecodingSteps:
+    """The text model's DecodingSteps for `rows` rows, in step_layout's layout. A copied layout is kept and reused
+    while the layout and the weights stay the same (same storage, no in-place change), so one copy is held."""
     layers = text_model.transformer_decoder.layers
     weights = [p for p in layers.parameters() if p.dim() == 2] + [text_model.lm_head.weight]
-    if not can_reorder_weights(weights):
-        return DecodingSteps(text_model, reorder=False)
+    layout = step_layout(weights, rows)
+    if layout == "modules":
+        return DecodingSteps(text_model, layout)
     state = tuple((w.data_ptr(), w._version) for w in weights)
-    kept = _REORDERED_STEPS.get(text_model)
-    if kept is not None and kept[0] == state:
-        return kept[1]
-    _REORDERED_STEPS.pop(text_model, None)  # free the old copy before making the new one
+    kept = _COPIED_STEPS.get(text_model)
+    if kept is not None and kept[:2] == (layout, state):
+        return kept[2]
+    _COPIED_STEPS.pop(text_model, None)  # free the old copy before making the new one
     try:
-        steps = DecodingSteps(text_model, reorder=True)
-    except RuntimeError:  # oneDNN without a kernel for this CPU: the plain matmul
-        return DecodingSteps(text_model, reorder=False)
-    _REORDERED_STEPS[text_model] = (state, steps)
+        steps = DecodingSteps(text_model, layout)
+    except RuntimeError:  # oneDNN without a kernel for this CPU
+        return DecodingSteps(text_model, "modules")
+    _COPIED_STEPS[text_model] = (layout, state, steps)
     return steps
 
 
@@ -970,7 +991,7 @@ class Llava(nn.Module):
         # positions count from each row's first real token; masked slots after it (a text-only row's image
         # slots, as in training) still take their positions
         positions = (torch.arange(s, device=embeds.device) - real.long().argmax(1, keepdim=True)).clamp(min=0)
-        steps = decoding_steps(self.text_model)
+        steps = decoding_steps(self.text_model, b)
         logits = steps.logits(self.text_model.decode_cached(embeds, positions, attend, caches)[:, -1])
         position = positions[:, -1] + 1
         rules = StopRules(eos_token_ids, stop_sequences, stop_strings, decode)
