@@ -1,9 +1,13 @@
 """Generation with a key/value cache (modeling_llava.Llava.generate): greedy output token for token equal to
 transformers' generate() on the same weights (LlavaForConditionalGeneration, tiny random configs, fp32), for one
-prompt and for a left-padded batch of prompts of different lengths; sampling and stopping rules.
+prompt and for a left-padded batch of prompts of different lengths; sampling and stopping rules; the decoding
+steps in every weight layout against the module path.
 
     python -m pytest -q tests/test_generate.py
 """
+
+import gc
+import weakref
 
 import pytest
 import torch
@@ -129,3 +133,114 @@ def test_cache_holds_exactly_prompt_plus_new_tokens():
     assert k.shape == (1, 2, 4, 8) and cache.length == 4
     with pytest.raises(ValueError, match="cache holds 4"):
         cache.append(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding steps (DecodingSteps): every weight layout computes the module path's step
+
+STEP_MODELS = {
+    "llama_gqa": dict(),
+    "qwen2_biases": dict(use_projection_bias_in_attention=True, use_ffn_bias_in_attention=False),
+    "qwen3_qk_norm_wide_heads": dict(attention_inner_dim=96, qk_norm_eps=1e-6),
+    "partial_rotary_gelu_ffn": dict(rotary_dim=8, nonlinearity="gelu", use_ffn_bias=True, use_bias_in_output=True),
+}
+
+
+def step_model(name: str) -> ml.LlamaLMModel:
+    torch.manual_seed(0)
+    lm = ml.LlamaLMModel(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2,
+                         filter_size=80, **STEP_MODELS[name]).eval()
+    with torch.no_grad():
+        for p in lm.parameters():  # away from the init's ones and zeros, so biases and norms count
+            p.add_(torch.randn_like(p) * 0.1)
+    return lm
+
+
+def prompt_pass(lm, batch: int, length: int, extra: int):
+    """Caches filled with a random prompt (the first row left-padded by 3); (caches, attend keys, positions)."""
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(batch, length, lm.embedding_layer.word_embeddings.embedding_dim, generator=g)
+    real = torch.ones(batch, length, dtype=torch.bool)
+    real[0, :3] = False
+    keys = torch.zeros(batch, length + extra, dtype=torch.bool)
+    keys[:, :length] = real
+    attend = (torch.ones(length, length, dtype=torch.bool).tril() & real[:, None, None, :]) | torch.eye(
+        length, dtype=torch.bool)
+    positions = (torch.arange(length) - real.long().argmax(1, keepdim=True)).clamp(min=0)
+    caches = lm.new_caches(batch, length + extra, torch.float32, "cpu")
+    with torch.no_grad():
+        lm.decode_cached(embeds, positions, attend, caches)
+    return caches, keys, positions[:, -1] + 1
+
+
+@pytest.mark.parametrize("layout", ml.STEP_LAYOUTS)
+@pytest.mark.parametrize("name", list(STEP_MODELS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decoding_step_equals_the_module_path(name, layout, batch):
+    """Three steps through DecodingSteps give the logits, and leave the caches, that decode_cached + lm_head give."""
+    lm = step_model(name)
+    ours, keys, position = prompt_pass(lm, batch, 9, 3)
+    theirs = [ml.KVCache(batch, c.keys.shape[1], c.keys.shape[2], c.keys.shape[3], torch.float32, "cpu")
+              for c in ours]
+    for mine, copy in zip(ours, theirs):
+        copy.keys.copy_(mine.keys), copy.values.copy_(mine.values)
+        copy.length = mine.length
+    steps = ml.DecodingSteps(lm, layout)
+    tokens = torch.tensor([5, 17, 96][:batch])
+    with torch.no_grad():
+        for step in range(3):
+            keys[:, 9 + step] = True
+            attend = keys[:, None, None, :10 + step]
+            got = steps(tokens, position, attend, ours)
+            hidden = lm.decode_cached(lm.compute_input_embeddings(tokens[:, None]), position[:, None], attend, theirs)
+            want = lm.lm_head(hidden[:, -1])
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+            tokens, position = want.argmax(-1), position + 1
+    for mine, copy in zip(ours, theirs):
+        assert mine.length == copy.length == 12
+        torch.testing.assert_close(mine.keys, copy.keys, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.values, copy.values, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_step_rotation_is_bit_identical_to_the_interleaved_rotation(rotary_dim):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 1, 16, generator=g)
+    positions = torch.tensor([0, 7, 250])
+    inv_freq = ml.rope_inverse_frequencies(rotary_dim, 10000.0, None, "cpu")
+    plain = ml.apply_interleaved_rotary(x, *ml.rotary_for_positions(positions[:, None], inv_freq, 2.0))
+    step = ml.apply_step_rotary(x, *ml.step_rotary_tables(positions, inv_freq, 2.0, 16))
+    assert torch.equal(step, plain)
+
+
+def test_step_layout_copies_only_fp32_cpu_weights_that_fit_in_free_memory(monkeypatch):
+    weights = [torch.zeros(64, 32), torch.zeros(32, 64)]
+    monkeypatch.setattr(ml, "free_memory_bytes", lambda: 1 << 30)
+    assert ml.step_layout(weights, 1) == "transposed"
+    assert ml.step_layout(weights, 8) == ("onednn" if torch.backends.mkldnn.is_available() else "modules")
+    assert ml.step_layout([w.bfloat16() for w in weights], 1) == "modules"
+    assert ml.step_layout([w.to("meta") for w in weights], 1) == "modules"
+    monkeypatch.setattr(ml, "free_memory_bytes", lambda: 2 * 64 * 32 * 4 * 2 - 1)  # the copy: just over half
+    assert ml.step_layout(weights, 1) == "modules"
+
+
+def test_copied_step_weights_are_kept_until_the_weights_or_the_layout_change(monkeypatch):
+    monkeypatch.setattr(ml, "free_memory_bytes", lambda: 1 << 30)
+    lm = step_model("llama_gqa")
+    with torch.no_grad():
+        first = ml.decoding_steps(lm, 1)
+        assert first.layout == "transposed" and ml.decoding_steps(lm, 1) is first
+        lm.transformer_decoder.layers[1].ffn.ffn[1].linear_layer.weight.mul_(2.0)  # an optimizer step, in place
+        changed = ml.decoding_steps(lm, 1)
+        assert changed is not first
+        torch.testing.assert_close(changed.layers[1].down.weight,
+                                   lm.transformer_decoder.layers[1].ffn.ffn[1].linear_layer.weight.t())
+        lm.load_state_dict(step_model("qwen2_biases").state_dict(), strict=False)  # new values copied in
+        assert ml.decoding_steps(lm, 1) is not changed
+        if torch.backends.mkldnn.is_available():
+            assert ml.decoding_steps(lm, 4).layout == "onednn"
+    assert lm in ml._COPIED_STEPS
+    model = weakref.ref(lm)
+    del lm, first, changed
+    gc.collect()
+    assert model() is None  # the kept copy does not keep its model alive, and goes with it
