@@ -641,9 +641,9 @@ class KVCache:
 #
 # Weight layouts of a step (STEP_LAYOUTS):
 #   "modules"    the nn.Linears themselves: no copy (GPUs, half precision, little free memory)
-#   "transposed" [in, out] contiguous, x @ W: MKL's gemv, at memory bandwidth for one row (2.4x F.linear on the
-#                LM head); q/k/v and gate/up concatenated into one matmul each
-#   "onednn"     reordered into oneDNN's blocked layout: 1.5-2x F.linear for 4 to 32 rows, where the
+#   "transposed" [in, out] contiguous, x @ W: MKL's gemv, near memory bandwidth for one row (2.4x F.linear on
+#                the LM head); q/k/v and gate/up concatenated into one matmul each
+#   "onednn"     reordered into oneDNN's blocked layout: 1.5-1.9x F.linear for 4 to 32 rows, where the
 #                transposed layout is no faster than F.linear; concatenated as above
 STEP_LAYOUTS = ("modules", "transposed", "onednn")
 
