@@ -269,17 +269,15 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Optional[torch.Tensor] = None,
-                        blocked: Optional[torch.Tensor] = None) -> torch.Tensor:
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
     """Attention of one new token per row (a decoding step): q [B, H, 1, D] over the cached k, v [B, KV, L, D],
-    attend [B, 1, 1, L] (bool), or blocked = ~attend made once for all layers. The H query heads are grouped per
+    blocked [B, 1, 1, L] (bool, True = not attended; one for all layers of a step). The H query heads are grouped per
     kv head as [B, KV, H/KV, D], so the cache is read in place: repeating it per group (as the prompt pass does)
     would copy all of it at every step, which took more time than the matmuls. Softmax in fp32, as
     scaled_dot_product_attention does. Returns [B, H, D]."""
     b, heads, _, d = q.shape
     kv = k.shape[1]
     scores = torch.matmul(q.reshape(b, kv, heads // kv, d), k.transpose(-1, -2)) * d ** -0.5
-    blocked = ~attend if blocked is None else blocked
     weights = scores.float().masked_fill(blocked, float("-inf")).softmax(-1).to(v.dtype)
     return torch.matmul(weights, v).reshape(b, heads, d)
 
@@ -325,7 +323,7 @@ class Attention(nn.Module):
         if cache is not None:  # generation: attend to every earlier token's keys too
             k, v = cache.append(k, v)
             if s == 1:
-                return self.proj_output_dense_layer(one_query_attention(q, k, v, attn_mask).reshape(b, 1, -1))
+                return self.proj_output_dense_layer(one_query_attention(q, k, v, ~attn_mask).reshape(b, 1, -1))
         if self.num_kv_heads != self.num_heads:  # torch 2.4 has no enable_gqa flag
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)
@@ -751,7 +749,7 @@ class DecoderLayerStep:
         q = apply_step_rotary(q, *rotary).to(v.dtype)
         k = apply_step_rotary(k, *rotary).to(v.dtype)
         keys, values = cache.append(k, v)
-        x = x + self.out(one_query_attention(q, keys, values, blocked=blocked).reshape(b, -1))[0]
+        x = x + self.out(one_query_attention(q, keys, values, blocked).reshape(b, -1))[0]
         hidden = self.up(self.norm3(x))
         if self.activation in GLU_ACTIVATIONS:
             hidden = hidden[0] * GLU_ACTIVATIONS[self.activation](hidden[1])
@@ -807,8 +805,8 @@ def decoding_steps(text_model: "LlamaLMModel", rows: int) -> DecodingSteps:
     _COPIED_STEPS.pop(text_model, None)  # free the old copy before making the new one
     try:
         steps = DecodingSteps(text_model, layout)
-    except RuntimeError:  # oneDNN without a kernel for this CPU
-        return DecodingSteps(text_model, "modules")
+    except RuntimeError:  # oneDNN without a kernel for this CPU: kept too, so the next call does not try again
+        steps = DecodingSteps(text_model, "modules")
     _COPIED_STEPS[text_model] = (layout, state, steps)
     return steps
 

@@ -123,7 +123,7 @@ def test_one_query_attention_equals_sdpa_over_the_repeated_cache(heads, kv_heads
     groups = heads // kv_heads
     plain = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), attn_mask=attend)
-    torch.testing.assert_close(ml.one_query_attention(q, k, v, attend), plain[:, :, 0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ml.one_query_attention(q, k, v, ~attend), plain[:, :, 0], atol=1e-6, rtol=1e-5)
 
 
 def test_cache_holds_exactly_prompt_plus_new_tokens():
@@ -183,7 +183,8 @@ def test_decoding_step_equals_the_module_path(name, layout, batch):
     theirs = [ml.KVCache(batch, c.keys.shape[1], c.keys.shape[2], c.keys.shape[3], torch.float32, "cpu")
               for c in ours]
     for mine, copy in zip(ours, theirs):
-        copy.keys.copy_(mine.keys), copy.values.copy_(mine.values)
+        copy.keys.copy_(mine.keys)
+        copy.values.copy_(mine.values)
         copy.length = mine.length
     steps = ml.DecodingSteps(lm, layout)
     tokens = torch.tensor([5, 17, 96][:batch])
